@@ -113,10 +113,21 @@ class Settings(BaseSettings):
         description="Sent as `OpenAI-Project`.",
     )
 
+    default_model: str | None = Field(
+        default=None,
+        description="Model for `/api/ask` and the CLI when none is named; "
+        "by default the first one `/v1/models` lists.",
+    )
     providers: list[ProviderSettings] = Field(
         default_factory=list, description="Upstreams from the TOML file's `[[providers]]` tables."
     )
     local: LocalModelSettings = Field(default_factory=LocalModelSettings)
+
+    database_url: str | None = Field(
+        default=None,
+        description="SQLAlchemy async URL, e.g. `postgresql+asyncpg://host/db`; "
+        "by default a SQLite file in the user's data directory.",
+    )
 
     max_body_bytes: int = Field(
         default=4 * 1024 * 1024, ge=1, description="Larger request bodies are refused with 413."

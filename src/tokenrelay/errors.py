@@ -41,7 +41,7 @@ class TokenrelayError(Exception):
             self.code = code
         self.headers = headers or {}
 
-    def to_dict(self) -> dict[str, object]:
+    def to_dict(self) -> dict[str, dict[str, object]]:
         """The body OpenAI's clients expect: ``{"error": {"message", "type", "param", "code"}}``."""
         return {
             "error": {
@@ -87,7 +87,7 @@ class RateLimited(TokenrelayError):
 
 
 class UpstreamError(TokenrelayError):
-    """The upstream answered with an error; status and message come from it (scrubbed of secrets)."""
+    """The upstream answered an error; status and message come from it, scrubbed of secrets."""
 
     type = "upstream_error"
 

@@ -65,6 +65,10 @@ class Provider(Protocol):
         """Start a streamed answer; return once accepted. See the module docstring."""
         ...
 
+    async def start(self) -> None:
+        """Called once when the server starts: load what is configured to load eagerly."""
+        ...
+
     async def aclose(self) -> None:
         """Release connections, threads and models."""
         ...

@@ -1,0 +1,5 @@
+"""``python -m tokenrelay`` runs the CLI."""
+
+from tokenrelay.cli import main
+
+main()

@@ -1,0 +1,76 @@
+"""The ASGI application: routes, error handlers, and the providers' lifetime."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from pydantic.json_schema import models_json_schema
+
+from tokenrelay import __version__
+from tokenrelay.api import ask, openai_routes
+from tokenrelay.api.errors import install_error_handlers
+from tokenrelay.api.limits import BodySizeLimit
+from tokenrelay.config import Settings
+from tokenrelay.providers.registry import ProviderRegistry
+
+__all__ = ["create_app"]
+
+logger = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the app; ``tokenrelay serve`` calls this once per worker process."""
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        registry = ProviderRegistry.from_settings(settings)
+        app.state.registry = registry
+        try:
+            await registry.start()
+            yield
+        finally:
+            await registry.aclose()
+
+    app = FastAPI(
+        title="tokenrelay",
+        version=__version__,
+        summary="An OpenAI-compatible streaming gateway with an embedded local model.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    install_error_handlers(app)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.include_router(openai_routes.router)
+    app.include_router(ask.router)
+
+    _document_body_models(app)
+
+    @app.get("/health", tags=["Service"])
+    async def health() -> dict[str, str]:
+        """Liveness: answers as soon as the server accepts requests."""
+        return {"status": "ok"}
+
+    return app
+
+
+def _document_body_models(app: FastAPI) -> None:
+    """Add the request models our routes validate themselves to the OpenAPI components."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            spec = build()
+            _, defs = models_json_schema(
+                [(model, "validation") for model in openai_routes.BODY_MODELS],
+                ref_template="#/components/schemas/{model}",
+            )
+            spec.setdefault("components", {}).setdefault("schemas", {}).update(defs["$defs"])
+            app.openapi_schema = spec
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented override hook

@@ -1,0 +1,63 @@
+"""Reading OpenAI's streamed chunk events for the few fields tokenrelay itself needs.
+
+The relay forwards bytes; only consumers that keep or show the text (the CLI, stored
+conversations) parse them, and only the ``data:`` lines, with orjson.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+__all__ = ["ChunkSummary", "iter_data", "StreamError"]
+
+
+class StreamError(Exception):
+    """An error event arrived in the stream; ``error`` is its OpenAI-shaped body."""
+
+    def __init__(self, error: dict[str, Any]) -> None:
+        super().__init__(str(error.get("message", "The stream failed.")))
+        self.error = error
+
+
+def iter_data(events: bytes) -> Iterator[dict[str, Any]]:
+    """The JSON objects of the ``data:`` lines in whole events (``[DONE]`` and comments skipped)."""
+    for line in events.splitlines():
+        if line.startswith(b"data:"):
+            payload = line[5:].strip()
+            if payload and payload != b"[DONE]":
+                data = orjson.loads(payload)
+                if isinstance(data, dict):
+                    yield data
+
+
+@dataclass
+class ChunkSummary:
+    """What a stream said so far: text, finish reason and usage, built up chunk by chunk."""
+
+    text: str = ""
+    finish_reason: str | None = None
+    usage: dict[str, Any] | None = None
+
+    def feed(self, events: bytes) -> str:
+        """Take whole events; return the text they added. Raises ``StreamError`` on an error."""
+        added = []
+        for data in iter_data(events):
+            if "error" in data:
+                error = data["error"]
+                raise StreamError(error if isinstance(error, dict) else {"message": str(error)})
+            if data.get("usage"):
+                self.usage = data["usage"]
+            for choice in data.get("choices") or ():
+                delta = choice.get("delta")
+                piece = delta.get("content") if delta is not None else choice.get("text")
+                if piece:
+                    added.append(piece)
+                if choice.get("finish_reason"):
+                    self.finish_reason = choice["finish_reason"]
+        text = "".join(added)
+        self.text += text
+        return text

@@ -1,0 +1,162 @@
+"""The tables tokenrelay keeps: conversations and their messages.
+
+The schema itself is created by the numbered migrations in ``storage/migrations/versions``, never by
+``metadata.create_all``; these models describe it for queries and for ``alembic --autogenerate``,
+and a test checks that the two agree.
+"""
+
+from __future__ import annotations
+
+import secrets
+import string
+from datetime import UTC, datetime
+from enum import StrEnum
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+__all__ = [
+    "Base",
+    "Conversation",
+    "Message",
+    "MessageRole",
+    "MessageStatus",
+    "UTCDateTime",
+    "new_id",
+    "utcnow",
+]
+
+_ID_ALPHABET = string.ascii_letters + string.digits
+
+
+def new_id(prefix: str) -> str:
+    """A public id such as ``conv_3kTq9ZxW1bYc0aPd``: 16 base62 characters (~95 random bits).
+
+    Alphanumeric only, so an id survives URLs, double-click selection and shell quoting as is.
+    """
+    return f"{prefix}_{''.join(secrets.choice(_ID_ALPHABET) for _ in range(16))}"
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class UTCDateTime(sa.TypeDecorator[datetime]):
+    """An aware UTC datetime on every backend.
+
+    PostgreSQL keeps ``timestamptz``; SQLite has no time zones and would hand back naive values, so
+    values are stored as UTC and the zone is put back on the way out.
+    """
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given; tokenrelay stores aware UTC datetimes only")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+class MessageRole(StrEnum):
+    SYSTEM = "system"
+    USER = "user"
+    ASSISTANT = "assistant"
+
+
+class MessageStatus(StrEnum):
+    """Where a message's text stands.
+
+    ``streaming`` while an answer is being written; ``complete`` when upstream finished;
+    ``stopped`` when a user or the last reader cancelled it; ``error`` when upstream failed;
+    ``interrupted`` when the server died while it was still ``streaming`` (set at start-up).
+    """
+
+    STREAMING = "streaming"
+    COMPLETE = "complete"
+    STOPPED = "stopped"
+    ERROR = "error"
+    INTERRUPTED = "interrupted"
+
+
+def _enum_column(enum: type[StrEnum], name: str) -> sa.Enum:
+    # A VARCHAR plus a CHECK constraint rather than a native PostgreSQL ENUM: adding a value later
+    # is then an ordinary migration on both backends.
+    return sa.Enum(
+        enum,
+        name=name,
+        native_enum=False,
+        create_constraint=True,
+        length=16,
+        values_callable=lambda members: [member.value for member in members],
+        validate_strings=True,
+    )
+
+
+class Base(DeclarativeBase):
+    # Named constraints, so later migrations can drop or alter them by name on every backend.
+    metadata = sa.MetaData(
+        naming_convention={
+            "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+            "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+            "ck": "ck_%(table_name)s_%(constraint_name)s",
+            "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+            "pk": "pk_%(table_name)s",
+        }
+    )
+
+
+class Conversation(Base):
+    """A chat thread. ``updated_at`` moves when a message is added, and lists sort by it."""
+
+    __tablename__ = "conversations"
+    __table_args__ = (sa.Index(None, "updated_at", "id"),)
+
+    id: Mapped[str] = mapped_column(sa.String(32), primary_key=True, default=lambda: new_id("conv"))
+    title: Mapped[str | None] = mapped_column(sa.Text)
+    model: Mapped[str | None] = mapped_column(sa.String(200))
+    system: Mapped[str | None] = mapped_column(sa.Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    # lazy="raise": under asyncio an implicit load would fail obscurely; load messages explicitly.
+    messages: Mapped[list[Message]] = relationship(
+        back_populates="conversation",
+        order_by="Message.position",
+        cascade="all, delete-orphan",
+        passive_deletes=True,
+        lazy="raise",
+    )
+
+
+class Message(Base):
+    """One turn of a conversation; ``position`` orders them (0, 1, 2... per conversation)."""
+
+    __tablename__ = "messages"
+    __table_args__ = (sa.UniqueConstraint("conversation_id", "position"),)
+
+    id: Mapped[str] = mapped_column(sa.String(32), primary_key=True, default=lambda: new_id("msg"))
+    conversation_id: Mapped[str] = mapped_column(
+        sa.String(32), sa.ForeignKey("conversations.id", ondelete="CASCADE")
+    )
+    position: Mapped[int] = mapped_column(sa.Integer)
+    role: Mapped[MessageRole] = mapped_column(_enum_column(MessageRole, "role"))
+    content: Mapped[str] = mapped_column(sa.Text, default="")
+    status: Mapped[MessageStatus] = mapped_column(_enum_column(MessageStatus, "status"))
+    error: Mapped[str | None] = mapped_column(sa.Text)
+    model: Mapped[str | None] = mapped_column(sa.String(200))
+    prompt_tokens: Mapped[int | None] = mapped_column(sa.Integer)
+    completion_tokens: Mapped[int | None] = mapped_column(sa.Integer)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    conversation: Mapped[Conversation] = relationship(back_populates="messages", lazy="raise")
