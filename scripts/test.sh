@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Install tokenrelay with its test tools into .venv, then run the linters and the test suite.
+# Arguments go to pytest (e.g. `scripts/test.sh -k streaming`).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+python3 -m venv .venv
+.venv/bin/python -m pip install --quiet --upgrade pip
+# llama-cpp-python is built from source on first install (about 5 minutes on 2 cores).
+.venv/bin/python -m pip install --quiet --editable ".[test]"
+
+.venv/bin/ruff check src tests bench
+.venv/bin/mypy
+.venv/bin/pytest "$@"
