@@ -17,7 +17,7 @@ from typing import Any
 
 import anyio
 import orjson
-from starlette.responses import Response
+from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from tokenrelay.errors import TokenrelayError
@@ -55,7 +55,7 @@ def encode_event(data: Any, *, event: str | None = None, id: str | None = None) 
     return b"\n".join(lines) + b"\n\n"
 
 
-class EventStreamResponse(Response):
+class EventStreamResponse(StreamingResponse):
     """Streams SSE bytes with heartbeat, disconnect detection and in-band errors."""
 
     media_type = "text/event-stream"
@@ -67,7 +67,8 @@ class EventStreamResponse(Response):
         ping_interval: float = 15.0,
         headers: Mapping[str, str] | None = None,
     ) -> None:
-        super().__init__(status_code=200, headers={**SSE_HEADERS, **(headers or {})})
+        # StreamingResponse's constructor sets no Content-Length, as a stream must not have one.
+        super().__init__(events, headers={**SSE_HEADERS, **(headers or {})})
         self.events = events
         self.ping_interval = ping_interval
         self._last_write = 0.0
