@@ -5,21 +5,29 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
+from fastapi.responses import FileResponse
+from fastapi.staticfiles import StaticFiles
 from pydantic.json_schema import models_json_schema
 
 from tokenrelay import __version__
-from tokenrelay.api import ask, openai_routes
+from tokenrelay.api import ask, conversations, openai_routes
 from tokenrelay.api.errors import install_error_handlers
 from tokenrelay.api.limits import BodySizeLimit
 from tokenrelay.config import Settings
 from tokenrelay.providers.registry import ProviderRegistry
+from tokenrelay.relay.chat import ChatService
+from tokenrelay.storage.conversations import ConversationStore
+from tokenrelay.storage.database import Database
 
 __all__ = ["create_app"]
 
 logger = logging.getLogger(__name__)
+
+_INDEX = Path(__file__).parent / "web" / "static" / "index.html"
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -29,12 +37,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         registry = ProviderRegistry.from_settings(settings)
-        app.state.registry = registry
+        database = Database(settings.database_url)
+        chat = ChatService(ConversationStore(database), registry)
+        app.state.registry, app.state.chat = registry, chat
         try:
+            await database.start()
             await registry.start()
             yield
         finally:
+            await chat.aclose()  # answers still running are saved as interrupted
             await registry.aclose()
+            await database.close()
 
     app = FastAPI(
         title="tokenrelay",
@@ -47,6 +60,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.include_router(openai_routes.router)
     app.include_router(ask.router)
+    app.include_router(conversations.router)
+    app.mount("/static", StaticFiles(packages=[("tokenrelay.web", "static")]), name="static")
+
+    @app.get("/", include_in_schema=False)
+    async def chat_page() -> FileResponse:
+        return FileResponse(_INDEX, headers={"Cache-Control": "no-cache"})
 
     _document_body_models(app)
 

@@ -49,6 +49,9 @@ class ProviderSettings(BaseModel):
         default=300.0, gt=0, description="Seconds the upstream may stay silent before we give up."
     )
     max_connections: int = Field(default=1000, ge=1, description="Pooled connections at most.")
+    context_window: int = Field(
+        default=128_000, ge=256, description="Tokens its models read; longer chats are trimmed."
+    )
 
     def resolved_api_key(self) -> str | None:
         if self.api_key is not None:

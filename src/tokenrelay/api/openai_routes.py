@@ -38,7 +38,7 @@ def _body_doc(model: type[BaseModel]) -> dict[str, Any]:
 )
 async def create_chat_completion(request: Request) -> Response:
     """Create a chat completion, streamed or not (OpenAI's `chat.completions.create`)."""
-    body, raw = await read_body(request, ChatCompletionRequest)
+    _, body, raw = await read_body(request, ChatCompletionRequest)
     return await relay(request, "chat/completions", body, raw)
 
 
@@ -50,7 +50,7 @@ async def create_chat_completion(request: Request) -> Response:
 )
 async def create_completion(request: Request) -> Response:
     """Create a legacy text completion, streamed or not (OpenAI's `completions.create`)."""
-    body, raw = await read_body(request, CompletionRequest)
+    _, body, raw = await read_body(request, CompletionRequest)
     return await relay(request, "completions", body, raw)
 
 

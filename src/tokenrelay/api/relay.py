@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from pydantic import BaseModel, ValidationError
@@ -15,6 +15,8 @@ from tokenrelay.config import Settings
 from tokenrelay.errors import InvalidRequest
 from tokenrelay.providers.base import Endpoint, ProviderRequest
 from tokenrelay.providers.registry import ProviderRegistry
+
+M = TypeVar("M", bound=BaseModel)
 
 __all__ = ["relay", "read_body", "registry_of", "settings_of"]
 
@@ -40,8 +42,8 @@ async def relay(request: Request, endpoint: Endpoint, body: dict[str, Any], raw:
     return Response(await provider.complete(provider_request), media_type="application/json")
 
 
-async def read_body(request: Request, model: type[BaseModel]) -> tuple[dict[str, Any], bytes]:
-    """The body as the client sent it and as a dict, validated against ``model``.
+async def read_body(request: Request, model: type[M]) -> tuple[M, dict[str, Any], bytes]:
+    """The body validated against ``model``, and as the dict and bytes the client sent.
 
     Validated here rather than by FastAPI so that any ``Content-Type`` is read as JSON (curl's
     ``-d`` sends a form type) and so that the dict the providers read is the client's, untouched.
@@ -54,7 +56,7 @@ async def read_body(request: Request, model: type[BaseModel]) -> tuple[dict[str,
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object.")
     try:
-        model.model_validate(body)
+        parsed = model.model_validate(body)
     except ValidationError as exc:
         raise validation_message(exc.errors()) from None
-    return body, raw
+    return parsed, body, raw

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from typing import Any
 
 import anyio
@@ -62,7 +62,7 @@ class EventStreamResponse(StreamingResponse):
 
     def __init__(
         self,
-        events: AsyncIterator[bytes],
+        events: AsyncGenerator[bytes, None],
         *,
         ping_interval: float = 15.0,
         headers: Mapping[str, str] | None = None,
@@ -113,10 +113,8 @@ class EventStreamResponse(StreamingResponse):
             logger.exception("stream failed")
             await self._send_error(send, TokenrelayError("The stream failed unexpectedly."))
         finally:
-            aclose = getattr(events, "aclose", None)
-            if aclose is not None:
-                with anyio.CancelScope(shield=True):
-                    await aclose()
+            with anyio.CancelScope(shield=True):
+                await events.aclose()
 
     async def _send_error(self, send: Send, exc: TokenrelayError) -> None:
         body = exc.to_dict()

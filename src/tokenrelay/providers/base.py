@@ -12,11 +12,11 @@ upstream connection or the local model.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, runtime_checkable
 
-__all__ = ["Endpoint", "ProviderRequest", "Provider", "ModelCard"]
+__all__ = ["Endpoint", "ModelCard", "Provider", "ProviderRequest"]
 
 Endpoint = Literal["chat/completions", "completions"]
 """The OpenAI path (under ``/v1``) a request was made to."""
@@ -53,6 +53,10 @@ class Provider(Protocol):
         """Whether requests naming ``model`` should be sent here."""
         ...
 
+    def context_window(self, model: str) -> int:
+        """How many tokens ``model`` reads at most, prompt and answer together."""
+        ...
+
     async def list_models(self) -> list[ModelCard]:
         """The models this provider offers, for ``GET /v1/models``."""
         ...
@@ -61,7 +65,7 @@ class Provider(Protocol):
         """The whole answer as OpenAI's JSON response body (``stream`` false)."""
         ...
 
-    async def open_stream(self, request: ProviderRequest) -> AsyncIterator[bytes]:
+    async def open_stream(self, request: ProviderRequest) -> AsyncGenerator[bytes, None]:
         """Start a streamed answer; return once accepted. See the module docstring."""
         ...
 

@@ -14,7 +14,7 @@ import fnmatch
 import logging
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import aiohttp
@@ -92,6 +92,9 @@ class OpenAICompatibleProvider:
     def serves(self, model: str) -> bool:
         return any(fnmatch.fnmatchcase(model, pattern) for pattern in self._patterns)
 
+    def context_window(self, model: str) -> int:
+        return self.settings.context_window
+
     async def list_models(self) -> list[ModelCard]:
         """Configured names; a provider that serves any name (a pattern) asks the upstream."""
         exact = [p for p in self._patterns if not any(c in p for c in "*?[")]
@@ -135,7 +138,7 @@ class OpenAICompatibleProvider:
         finally:
             resp.release()
 
-    async def open_stream(self, request: ProviderRequest) -> AsyncIterator[bytes]:
+    async def open_stream(self, request: ProviderRequest) -> AsyncGenerator[bytes, None]:
         resp = await self._post(request)
         return self._relay(resp)
 
@@ -156,7 +159,7 @@ class OpenAICompatibleProvider:
             raise self._error_from(resp.status, body, resp.headers)
         return resp
 
-    async def _relay(self, resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+    async def _relay(self, resp: aiohttp.ClientResponse) -> AsyncGenerator[bytes, None]:
         """Yield the upstream's bytes, cut so that every piece ends on an event boundary.
 
         Upstreams almost always send one event per read, so the common case yields the bytes as

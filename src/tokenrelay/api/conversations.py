@@ -1,0 +1,198 @@
+"""``/api/conversations``: chats kept on the server, answered as EventStreams."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.responses import Response
+
+from tokenrelay.api.relay import read_body, settings_of
+from tokenrelay.api.sse import EventStreamResponse
+from tokenrelay.relay.chat import ChatService
+from tokenrelay.storage.conversations import ConversationRecord, MessageRecord
+
+__all__ = ["router"]
+
+router = APIRouter(prefix="/api/conversations", tags=["Conversations"])
+
+
+class NewConversation(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    title: str | None = Field(default=None, max_length=500)
+    model: str | None = Field(default=None, min_length=1, max_length=200)
+    system: str | None = Field(default=None, max_length=100_000, description="System prompt.")
+
+
+class Rename(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    title: str | None = Field(max_length=500)
+
+
+class NewMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    content: str = Field(min_length=1, max_length=1_000_000)
+    model: str | None = Field(default=None, min_length=1, max_length=200)
+
+
+class Regenerate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(default=None, min_length=1, max_length=200)
+
+
+class ConversationOut(BaseModel):
+    id: str
+    title: str | None
+    model: str | None
+    system: str | None
+    created_at: datetime
+    updated_at: datetime
+
+
+class MessageOut(BaseModel):
+    id: str
+    role: str
+    content: str
+    status: str = Field(description="`streaming`, `complete`, `stopped`, `error`, `interrupted`.")
+    error: str | None
+    model: str | None
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    created_at: datetime
+
+
+class ConversationWithMessages(ConversationOut):
+    messages: list[MessageOut]
+    answering: bool = Field(description="An answer is being written right now.")
+
+
+class ConversationList(BaseModel):
+    data: list[ConversationOut]
+    has_more: bool
+    next_cursor: str | None = Field(description="Pass as `after` for the next page.")
+
+
+_EVENT_STREAM_DOC: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "`event: message` with the stored messages' ids, then OpenAI chat "
+        "chunks, then `data: [DONE]`.",
+        "content": {"text/event-stream": {}},
+    }
+}
+
+
+def _chat(request: Request) -> ChatService:
+    chat: ChatService = request.app.state.chat
+    return chat
+
+
+def _conversation(record: ConversationRecord) -> ConversationOut:
+    return ConversationOut(
+        id=record.id,
+        title=record.title,
+        model=record.model,
+        system=record.system,
+        created_at=record.created_at,
+        updated_at=record.updated_at,
+    )
+
+
+def _message(record: MessageRecord) -> MessageOut:
+    return MessageOut(
+        id=record.id,
+        role=str(record.role),
+        content=record.content,
+        status=str(record.status),
+        error=record.error,
+        model=record.model,
+        prompt_tokens=record.prompt_tokens,
+        completion_tokens=record.completion_tokens,
+        created_at=record.created_at,
+    )
+
+
+@router.post("", status_code=201, response_model=ConversationOut)
+async def create_conversation(request: Request) -> ConversationOut:
+    """Start a conversation, optionally with a title, a model and a system prompt."""
+    new, _, _ = await read_body(request, NewConversation)
+    chat = _chat(request)
+    if new.model is not None:
+        chat.registry.resolve(new.model)
+    return _conversation(
+        await chat.store.create_conversation(title=new.title, model=new.model, system=new.system)
+    )
+
+
+@router.get("", response_model=ConversationList)
+async def list_conversations(
+    request: Request,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    after: Annotated[str | None, Query(description="A `next_cursor` from the page before.")] = None,
+) -> ConversationList:
+    """Conversations, most recently active first."""
+    page = await _chat(request).store.list_conversations(limit=limit, after=after)
+    return ConversationList(
+        data=[_conversation(c) for c in page.conversations],
+        has_more=page.next_cursor is not None,
+        next_cursor=page.next_cursor,
+    )
+
+
+@router.get("/{conversation_id}", response_model=ConversationWithMessages)
+async def get_conversation(request: Request, conversation_id: str) -> ConversationWithMessages:
+    """A conversation with all its messages, oldest first."""
+    chat = _chat(request)
+    detail = await chat.store.get_conversation(conversation_id)
+    return ConversationWithMessages(
+        **_conversation(detail).model_dump(),
+        messages=[_message(m) for m in detail.messages],
+        answering=chat.generations.get(conversation_id) is not None,
+    )
+
+
+@router.patch("/{conversation_id}", response_model=ConversationOut)
+async def rename_conversation(request: Request, conversation_id: str) -> ConversationOut:
+    """Rename a conversation."""
+    rename, _, _ = await read_body(request, Rename)
+    store = _chat(request).store
+    return _conversation(await store.rename_conversation(conversation_id, rename.title))
+
+
+@router.delete("/{conversation_id}", status_code=204, response_class=Response)
+async def delete_conversation(request: Request, conversation_id: str) -> Response:
+    """Delete a conversation and its messages (a running answer is stopped first)."""
+    chat = _chat(request)
+    await chat.stop(conversation_id)
+    await chat.store.delete_conversation(conversation_id)
+    return Response(status_code=204)
+
+
+@router.post("/{conversation_id}/messages", response_class=Response, responses=_EVENT_STREAM_DOC)
+async def send_message(request: Request, conversation_id: str) -> Response:
+    """Add the user's message and stream the assistant's answer, which is saved as it grows."""
+    new, _, _ = await read_body(request, NewMessage)
+    turn = await _chat(request).send(conversation_id, new.content, new.model)
+    return EventStreamResponse(turn.events(), ping_interval=settings_of(request).ping_interval)
+
+
+@router.post("/{conversation_id}/regenerate", response_class=Response, responses=_EVENT_STREAM_DOC)
+async def regenerate(request: Request, conversation_id: str) -> Response:
+    """Answer the last question again, replacing the previous answer."""
+    # The body is optional here: an empty POST regenerates with the conversation's model.
+    options = (await read_body(request, Regenerate))[0] if await request.body() else Regenerate()
+    turn = await _chat(request).regenerate(conversation_id, options.model)
+    return EventStreamResponse(turn.events(), ping_interval=settings_of(request).ping_interval)
+
+
+@router.post("/{conversation_id}/stop")
+async def stop(request: Request, conversation_id: str) -> dict[str, bool]:
+    """Stop the answer being written; what was written so far is kept, marked `stopped`."""
+    chat = _chat(request)
+    await chat.store.get_conversation(conversation_id)  # 404 for an unknown id
+    return {"stopped": await chat.stop(conversation_id)}

@@ -1,0 +1,1 @@
+"""Answers that outlive the connection that asked for them."""

@@ -1,0 +1,185 @@
+"""Conversations with a model: store the question, then answer with the whole history.
+
+Used by the conversation API and by ``tokenrelay chat`` alike. The user's message is stored
+before the model is called and the answer is stored as it grows (see ``generation``), so nothing
+a user typed or a model wrote is lost to a dropped connection or a crash.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from tokenrelay.api.sse import encode_event
+from tokenrelay.errors import InvalidRequest, TokenrelayError
+from tokenrelay.providers.base import ProviderRequest
+from tokenrelay.providers.registry import ProviderRegistry
+from tokenrelay.relay.generation import Generation, Generations
+from tokenrelay.storage.conversations import (
+    ConversationDetail,
+    ConversationStore,
+    MessageRecord,
+)
+from tokenrelay.storage.models import MessageRole, MessageStatus
+
+__all__ = ["ChatService", "ChatTurn", "trim_history"]
+
+_CHARS_PER_TOKEN = 3  # a cautious estimate: real tokenizers average 3.5-4.5 for English
+_MESSAGE_OVERHEAD = 8  # role markers and separators a chat template adds per message
+
+
+@dataclass(frozen=True, slots=True)
+class ChatTurn:
+    """A question just stored and the answer being written to it."""
+
+    user_message: MessageRecord | None
+    assistant_message: MessageRecord
+    generation: Generation
+
+    async def events(self) -> AsyncGenerator[bytes, None]:
+        """SSE bytes: an ``event: message`` naming both messages, then the model's chunks."""
+        yield encode_event(
+            {
+                "user_message": _message_json(self.user_message) if self.user_message else None,
+                "assistant_message": _message_json(self.assistant_message),
+            },
+            event="message",
+        )
+        async for chunk in self.generation.events():
+            yield chunk
+
+
+def estimate_tokens(message: dict[str, Any]) -> int:
+    return len(str(message.get("content") or "")) // _CHARS_PER_TOKEN + _MESSAGE_OVERHEAD
+
+
+def trim_history(
+    system: str | None, messages: Sequence[dict[str, Any]], budget: int
+) -> list[dict[str, Any]]:
+    """The newest messages that fit ``budget`` tokens, oldest first, after the system prompt.
+
+    The last message (the question) is always kept; older ones are dropped oldest first.
+    """
+    head = [{"role": "system", "content": system}] if system else []
+    budget -= sum(estimate_tokens(m) for m in head)
+    kept: list[dict[str, Any]] = []
+    for message in reversed(messages):
+        cost = estimate_tokens(message)
+        if kept and cost > budget:
+            break
+        kept.append(message)
+        budget -= cost
+    return head + kept[::-1]
+
+
+class ChatService:
+    """Starts answers in conversations and keeps track of the running ones."""
+
+    def __init__(
+        self,
+        store: ConversationStore,
+        registry: ProviderRegistry,
+        *,
+        flush_interval: float = 1.0,
+        answer_reserve: int = 512,
+    ) -> None:
+        self.store = store
+        self.registry = registry
+        self.generations = Generations()
+        self._flush_interval = flush_interval
+        self._answer_reserve = answer_reserve
+
+    async def send(self, conversation_id: str, content: str, model: str | None = None) -> ChatTurn:
+        """Store ``content`` as the user's next message and start the answer."""
+        conversation = await self.store.get_conversation(conversation_id)
+        model = await self._model_for(conversation, model)
+        self._refuse_if_busy(conversation_id)
+        user_message = await self.store.add_message(conversation_id, MessageRole.USER, content)
+        history = [*_history(conversation.messages), {"role": "user", "content": content}]
+        return await self._answer(conversation, history, model, user_message)
+
+    async def regenerate(self, conversation_id: str, model: str | None = None) -> ChatTurn:
+        """Answer the last user message again, replacing the answer after it."""
+        conversation = await self.store.get_conversation(conversation_id)
+        model = await self._model_for(conversation, model)
+        self._refuse_if_busy(conversation_id)
+        messages = list(conversation.messages)
+        while messages and messages[-1].role == MessageRole.ASSISTANT:
+            await self.store.delete_message(messages.pop().id)
+        if not messages or messages[-1].role != MessageRole.USER:
+            raise InvalidRequest("There is no question to answer again in this conversation.")
+        return await self._answer(conversation, _history(messages), model, None)
+
+    async def stop(self, conversation_id: str) -> bool:
+        """Stop the running answer, if any; it is saved as ``stopped``."""
+        return await self.generations.stop(conversation_id)
+
+    async def aclose(self) -> None:
+        await self.generations.aclose()
+
+    async def _model_for(self, conversation: ConversationDetail, model: str | None) -> str:
+        model = model or conversation.model or await self.registry.default_model()
+        self.registry.resolve(model)  # an unknown model is refused before anything is stored
+        return model
+
+    def _refuse_if_busy(self, conversation_id: str) -> None:
+        if self.generations.get(conversation_id) is not None:
+            raise InvalidRequest(
+                "This conversation is still answering; stop it or wait for it to finish.",
+                code="conversation_busy",
+            )
+
+    async def _answer(
+        self,
+        conversation: ConversationDetail,
+        history: list[dict[str, Any]],
+        model: str,
+        user_message: MessageRecord | None,
+    ) -> ChatTurn:
+        provider = self.registry.resolve(model)
+        budget = provider.context_window(model) - self._answer_reserve
+        body = {
+            "model": model,
+            "messages": trim_history(conversation.system, history, budget),
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        raw = orjson.dumps(body)
+        answer = await self.store.add_message(
+            conversation.id, MessageRole.ASSISTANT, status=MessageStatus.STREAMING, model=model
+        )
+        try:
+            stream = await provider.open_stream(
+                ProviderRequest("chat/completions", model, body, raw)
+            )
+        except TokenrelayError as exc:
+            await self.store.update_message(
+                answer.id, status=MessageStatus.ERROR, error=exc.message
+            )
+            raise
+        generation = Generation(self.store, answer.id, stream, flush_interval=self._flush_interval)
+        self.generations.start(conversation.id, generation)
+        return ChatTurn(user_message, answer, generation)
+
+
+def _history(messages: Sequence[MessageRecord]) -> list[dict[str, Any]]:
+    """What the model should see of earlier turns: every message with text, in order."""
+    return [
+        {"role": str(m.role), "content": m.content}
+        for m in messages
+        if m.content and m.role in (MessageRole.USER, MessageRole.ASSISTANT)
+    ]
+
+
+def _message_json(message: MessageRecord) -> dict[str, Any]:
+    return {
+        "id": message.id,
+        "role": str(message.role),
+        "content": message.content,
+        "status": str(message.status),
+        "model": message.model,
+        "created_at": message.created_at.isoformat(),
+    }
