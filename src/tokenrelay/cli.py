@@ -1,12 +1,15 @@
-"""``tokenrelay``: serve the gateway, or ask it something from the terminal."""
+"""``tokenrelay``: serve the gateway, ask it something, chat in the terminal, read history."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sys
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 import orjson
@@ -14,6 +17,9 @@ import orjson
 from tokenrelay import __version__
 from tokenrelay.chunks import ChunkSummary, StreamError
 from tokenrelay.config import CONFIG_ENV
+
+if TYPE_CHECKING:
+    from tokenrelay.relay.chat import ChatService
 
 __all__ = ["main"]
 
@@ -124,3 +130,120 @@ async def _ask_in_process(prompt: str, model: str | None) -> AsyncIterator[bytes
         raise StreamError({"message": exc.message}) from None
     finally:
         await registry.aclose()
+
+
+@main.command()
+@click.option("-m", "--model", default=None, help="Model name [default: the first listed].")
+@click.option("-c", "--conversation", "conversation_id", help="Continue this conversation.")
+@click.option("-s", "--system", default=None, help="System prompt for a new conversation.")
+def chat(model: str | None, conversation_id: str | None, system: str | None) -> None:
+    """Talk with a model in the terminal; the conversation is saved (see `tokenrelay history`).
+
+    Replies stream as they are written; Ctrl-C stops a reply, Ctrl-D or /exit leaves.
+    """
+    asyncio.run(_chat(model, conversation_id, system))
+
+
+async def _chat(model: str | None, conversation_id: str | None, system: str | None) -> None:
+    from tokenrelay.errors import TokenrelayError
+
+    async with _chat_service() as service:
+        if conversation_id is None:
+            conversation_id = (
+                await service.store.create_conversation(model=model, system=system)
+            ).id
+        else:
+            detail = await service.store.get_conversation(conversation_id)
+            for message in detail.messages:
+                click.echo(f"{click.style(str(message.role), bold=True)}: {message.content}")
+        click.echo(click.style(f"conversation {conversation_id} · Ctrl-D to leave", dim=True))
+        while True:
+            try:
+                prompt = await _read_line("> ")
+            except (EOFError, asyncio.CancelledError):
+                click.echo()
+                return
+            if prompt.strip() in ("/exit", "/quit"):
+                return
+            if not prompt.strip():
+                continue
+            try:
+                turn = await service.send(conversation_id, prompt, model)
+                await _print_stream(turn.events())
+            except (StreamError, TokenrelayError) as exc:
+                click.echo(click.style(f"error: {exc}", fg="red"), err=True)
+            except asyncio.CancelledError:  # Ctrl-C: asyncio.run cancels us; stop the reply only
+                task = asyncio.current_task()
+                assert task is not None
+                task.uncancel()
+                await service.stop(conversation_id)
+                click.echo(click.style(" [stopped]", dim=True))
+
+
+async def _read_line(prompt: str) -> str:
+    """``input()`` in a daemon thread, so Ctrl-C or exit never waits for a line to be typed."""
+    loop = asyncio.get_running_loop()
+    line: asyncio.Future[str] = loop.create_future()
+
+    def settle(value: str | None, error: BaseException | None) -> None:
+        if not line.done():
+            line.set_exception(error) if error else line.set_result(value or "")
+
+    def read() -> None:
+        try:
+            loop.call_soon_threadsafe(settle, input(prompt), None)
+        except BaseException as exc:  # EOFError on Ctrl-D reaches the awaiting task
+            loop.call_soon_threadsafe(settle, None, exc)
+
+    threading.Thread(target=read, daemon=True).start()
+    return await line
+
+
+@main.command()
+@click.argument("conversation_id", required=False)
+@click.option("-n", "--limit", default=20, show_default=True, help="How many conversations.")
+def history(conversation_id: str | None, limit: int) -> None:
+    """List saved conversations, newest first, or show one of them whole."""
+    asyncio.run(_history(conversation_id, limit))
+
+
+async def _history(conversation_id: str | None, limit: int) -> None:
+    async with _chat_service() as service:
+        if conversation_id is not None:
+            detail = await service.store.get_conversation(conversation_id)
+            click.echo(click.style(detail.title or "(untitled)", bold=True))
+            for message in detail.messages:
+                status = "" if message.status == "complete" else f" [{message.status}]"
+                click.echo(
+                    f"\n{click.style(str(message.role), bold=True)}{status}:\n{message.content}"
+                )
+            return
+        page = await service.store.list_conversations(limit=limit)
+        if not page.conversations:
+            click.echo("No conversations yet: start one with `tokenrelay chat`.")
+        for conversation in page.conversations:
+            when = conversation.updated_at.astimezone().strftime("%Y-%m-%d %H:%M")
+            click.echo(f"{conversation.id}  {when}  {conversation.title or '(untitled)'}")
+
+
+@contextlib.asynccontextmanager
+async def _chat_service() -> AsyncIterator[ChatService]:
+    """The same store and providers the server uses, in this process."""
+    from tokenrelay.config import Settings
+    from tokenrelay.providers.registry import ProviderRegistry
+    from tokenrelay.relay.chat import ChatService
+    from tokenrelay.storage.conversations import ConversationStore
+    from tokenrelay.storage.database import Database
+
+    settings = Settings()
+    database = Database(settings.database_url)
+    # Only migrate: a server may be answering in the same database right now.
+    await database.migrate()
+    registry = ProviderRegistry.from_settings(settings)
+    service = ChatService(ConversationStore(database), registry)
+    try:
+        yield service
+    finally:
+        await service.aclose()
+        await registry.aclose()
+        await database.close()

@@ -35,6 +35,10 @@ _TYPE_NAMES = {
 }
 
 
+# The names pydantic puts in an error's location for the member of a union it tried.
+_UNION_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
 def error_response(exc: TokenrelayError) -> Response:
     return Response(
         orjson.dumps(exc.to_dict()),
@@ -48,7 +52,7 @@ def _param(loc: tuple[Any, ...]) -> str | None:
     """``("body", "messages", 0, "role")`` -> ``messages[0].role``, as OpenAI names params."""
     parts = [p for p in loc if p not in ("body", "query")]
     # pydantic adds the member type it tried for unions (e.g. "str", "list[...]"): drop those
-    parts = [p for p in parts if not (isinstance(p, str) and ("[" in p or p in _TYPE_NAMES))]
+    parts = [p for p in parts if not (isinstance(p, str) and ("[" in p or p in _UNION_TAGS))]
     name = ""
     for part in parts:
         name += f"[{part}]" if isinstance(part, int) else (f".{part}" if name else str(part))

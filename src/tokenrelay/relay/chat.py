@@ -98,6 +98,8 @@ class ChatService:
         model = await self._model_for(conversation, model)
         self._refuse_if_busy(conversation_id)
         user_message = await self.store.add_message(conversation_id, MessageRole.USER, content)
+        if conversation.title is None and not conversation.messages:
+            await self.store.rename_conversation(conversation_id, _title_from(content))
         history = [*_history(conversation.messages), {"role": "user", "content": content}]
         return await self._answer(conversation, history, model, user_message)
 
@@ -172,6 +174,14 @@ def _history(messages: Sequence[MessageRecord]) -> list[dict[str, Any]]:
         for m in messages
         if m.content and m.role in (MessageRole.USER, MessageRole.ASSISTANT)
     ]
+
+
+def _title_from(question: str, length: int = 60) -> str:
+    """A first question, on one line and cut at a word, names an untitled conversation."""
+    line = " ".join(question.split())
+    if len(line) <= length:
+        return line
+    return line[:length].rsplit(" ", 1)[0] + "…"
 
 
 def _message_json(message: MessageRecord) -> dict[str, Any]:

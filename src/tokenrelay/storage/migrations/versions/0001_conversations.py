@@ -5,7 +5,8 @@ Revises:
 Create Date: 2025-01-01
 
 Written by hand and frozen: it must not import ``tokenrelay.storage.models``, which describes the
-newest schema rather than this one.
+newest schema rather than this one. ``op.f()`` marks names as final, so the models' naming
+convention is not applied to them a second time.
 """
 
 from __future__ import annotations
@@ -35,9 +36,9 @@ def upgrade() -> None:
         sa.Column("system", sa.Text(), nullable=True),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
-        sa.PrimaryKeyConstraint("id", name="pk_conversations"),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_conversations")),
     )
-    op.create_index("ix_conversations_updated_at_id", "conversations", ["updated_at", "id"])
+    op.create_index(op.f("ix_conversations_updated_at_id"), "conversations", ["updated_at", "id"])
     op.create_table(
         "messages",
         sa.Column("id", sa.String(32), nullable=False),
@@ -52,23 +53,23 @@ def upgrade() -> None:
         sa.Column("completion_tokens", sa.Integer(), nullable=True),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
-        sa.PrimaryKeyConstraint("id", name="pk_messages"),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_messages")),
         sa.ForeignKeyConstraint(
             ["conversation_id"],
             ["conversations.id"],
-            name="fk_messages_conversation_id_conversations",
+            name=op.f("fk_messages_conversation_id_conversations"),
             ondelete="CASCADE",
         ),
         # Also the index that serves "messages of a conversation, in order".
         sa.UniqueConstraint(
-            "conversation_id", "position", name="uq_messages_conversation_id_position"
+            "conversation_id", "position", name=op.f("uq_messages_conversation_id_position")
         ),
-        sa.CheckConstraint(_one_of("role", _ROLES), name="ck_messages_role"),
-        sa.CheckConstraint(_one_of("status", _STATUSES), name="ck_messages_status"),
+        sa.CheckConstraint(_one_of("role", _ROLES), name=op.f("ck_messages_role")),
+        sa.CheckConstraint(_one_of("status", _STATUSES), name=op.f("ck_messages_status")),
     )
 
 
 def downgrade() -> None:
     op.drop_table("messages")
-    op.drop_index("ix_conversations_updated_at_id", table_name="conversations")
+    op.drop_index(op.f("ix_conversations_updated_at_id"), table_name="conversations")
     op.drop_table("conversations")

@@ -1,0 +1,1 @@
+"""Alembic migrations; ``versions/`` holds one numbered, hand-reviewed file per schema change."""
