@@ -1,0 +1,174 @@
+"""The fake upstream must behave like OpenAI, since every relay test relies on it."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from fake_upstream import LEAKED_KEY, TOOL_ARGUMENTS, TOOL_NAME, FakeUpstream, expected_text
+
+
+def _events(raw: str) -> list[str]:
+    """The ``data:`` payloads of a complete SSE body, in order."""
+    return [
+        block.removeprefix("data: ") for block in raw.split("\n\n") if block.startswith("data: ")
+    ]
+
+
+def _chat(fake: dict[str, Any], **fields: Any) -> dict[str, Any]:
+    return {
+        "model": "fake-model",
+        "messages": [{"role": "user", "content": "say three words"}],
+        "fake": fake,
+        **fields,
+    }
+
+
+def test_streamed_chat_follows_openai_chunk_format(fake_upstream: FakeUpstream) -> None:
+    body = _chat({"tokens": 3}, stream=True, stream_options={"include_usage": True})
+    response = httpx.post(f"{fake_upstream.base_url}/chat/completions", json=body)
+
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/event-stream")
+    events = _events(response.text)
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(event) for event in events[:-1]]
+    assert {chunk["object"] for chunk in chunks} == {"chat.completion.chunk"}
+    assert {chunk["model"] for chunk in chunks} == {"fake-model"}
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert text == "word0 word1 word2 "
+    assert chunks[-2]["choices"][0] == {
+        "index": 0,
+        "delta": {},
+        "logprobs": None,
+        "finish_reason": "stop",
+    }
+    assert chunks[-1]["choices"] == []
+    assert chunks[-1]["usage"] == {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}
+    assert fake_upstream.last_request().wait_for_outcome(5) == "completed"
+
+
+def test_openai_sdk_reads_the_fake_directly(fake_upstream: FakeUpstream) -> None:
+    """If the SDK could not read the fake, relay tests would be testing the fake."""
+    with openai.OpenAI(base_url=fake_upstream.base_url, api_key="x", max_retries=0) as client:
+        stream = client.chat.completions.create(
+            model="fake-model",
+            messages=[{"role": "user", "content": "hi"}],
+            stream=True,
+            extra_body={"fake": {"tokens": 4}},
+        )
+        text = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+        completion = client.completions.create(
+            model="fake-other", prompt="one two", extra_body={"fake": {"tokens": 2}}
+        )
+    assert text == expected_text(4)
+    assert completion.object == "text_completion"
+    assert completion.model == "fake-other"
+    assert completion.choices[0].text == "word0 word1 "
+    assert completion.usage is not None
+    assert completion.usage.prompt_tokens == 2
+
+
+def test_legacy_completion_stream_uses_text_completion_chunks(fake_upstream: FakeUpstream) -> None:
+    body = {"model": "fake-model", "prompt": "a b c d", "stream": True, "fake": {"tokens": 2}}
+    response = httpx.post(f"{fake_upstream.base_url}/completions", json=body)
+
+    chunks = [json.loads(event) for event in _events(response.text)[:-1]]
+    assert {chunk["object"] for chunk in chunks} == {"text_completion"}
+    assert "".join(chunk["choices"][0]["text"] for chunk in chunks) == "word0 word1 "
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_tool_call_streams_in_pieces(fake_upstream: FakeUpstream) -> None:
+    body = _chat({"tool_calls": True}, stream=True)
+    response = httpx.post(f"{fake_upstream.base_url}/chat/completions", json=body)
+
+    chunks = [json.loads(event) for event in _events(response.text)[:-1]]
+    first = chunks[0]["choices"][0]["delta"]["tool_calls"][0]
+    assert first["id"].startswith("call_")
+    assert first["type"] == "function"
+    assert first["function"] == {"name": TOOL_NAME, "arguments": ""}
+    pieces = [
+        chunk["choices"][0]["delta"]["tool_calls"][0]["function"]["arguments"]
+        for chunk in chunks[1:-1]
+    ]
+    assert len(pieces) > 2
+    assert "".join(pieces) == TOOL_ARGUMENTS
+    assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+
+
+def test_fail_after_cuts_the_connection_mid_body(fake_upstream: FakeUpstream) -> None:
+    body = _chat({"tokens": 5, "fail_after": 2}, stream=True)
+    received: list[bytes] = []
+    with (
+        pytest.raises(httpx.RemoteProtocolError),
+        httpx.stream("POST", f"{fake_upstream.base_url}/chat/completions", json=body) as response,
+    ):
+        for piece in response.iter_raw():
+            received.append(piece)
+
+    raw = b"".join(received).decode()
+    assert "word1 " in raw
+    assert "word2 " not in raw
+    assert "[DONE]" not in raw
+    assert fake_upstream.last_request().wait_for_outcome(5) == "failed"
+
+
+def test_client_leaving_is_recorded_as_abandoned(fake_upstream: FakeUpstream) -> None:
+    body = _chat({"tokens": 200, "delay": 0.02}, stream=True)
+    with httpx.stream("POST", f"{fake_upstream.base_url}/chat/completions", json=body) as response:
+        lines = response.iter_lines()
+        assert next(lines).startswith("data: ")
+        closed_at = time.monotonic()
+    # Leaving the block closed the connection; the fake is waiting between chunks then.
+
+    record = fake_upstream.last_request()
+    assert record.wait_for_outcome(5) == "abandoned"
+    assert record.outcome_at is not None
+    assert record.outcome_at - closed_at < 0.2
+
+
+def test_status_answers_in_openai_error_shape(fake_upstream: FakeUpstream) -> None:
+    body = _chat({"status": 429, "retry_after": 7})
+    response = httpx.post(f"{fake_upstream.base_url}/chat/completions", json=body)
+
+    assert response.status_code == 429
+    assert response.headers["retry-after"] == "7"
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == "rate_limit_error"
+    assert LEAKED_KEY in error["message"]
+
+
+def test_invalid_json_is_a_400(fake_upstream: FakeUpstream) -> None:
+    response = httpx.post(
+        f"{fake_upstream.base_url}/chat/completions",
+        content=b'{"model": ',
+        headers={"Content-Type": "application/json"},
+    )
+    assert response.status_code == 400
+    assert response.json()["error"]["type"] == "invalid_request_error"
+    assert fake_upstream.last_request().json is None
+
+
+def test_models_and_azure_paths_are_served(fake_upstream: FakeUpstream) -> None:
+    models = httpx.get(f"{fake_upstream.base_url}/models").json()
+    assert [model["id"] for model in models["data"]] == ["fake-model", "fake-other"]
+
+    url = f"{fake_upstream.root_url}/openai/deployments/dep1/chat/completions"
+    response = httpx.post(url, params={"api-version": "2024-06-01"}, json=_chat({"tokens": 1}))
+    assert response.json()["choices"][0]["message"]["content"] == "word0 "
+    record = fake_upstream.last_request()
+    assert record.path == "/openai/deployments/dep1/chat/completions"
+    assert record.query == {"api-version": "2024-06-01"}
+
+
+def test_last_request_times_out_when_nothing_arrives(fake_upstream: FakeUpstream) -> None:
+    with pytest.raises(TimeoutError):
+        fake_upstream.last_request(timeout=0.05)
