@@ -9,6 +9,15 @@ python3 -m venv .venv
 # llama-cpp-python is built from source on first install (about 5 minutes on 2 cores).
 .venv/bin/python -m pip install --quiet --editable ".[test]"
 
+# The browser tests drive Debian's Chromium; Playwright never downloads a browser of its own.
+if ! command -v chromium >/dev/null; then
+    if [ "$(id -u)" = 0 ]; then
+        apt-get update -qq && apt-get install -y -qq chromium >/dev/null
+    else
+        sudo apt-get update -qq && sudo apt-get install -y -qq chromium >/dev/null
+    fi
+fi
+
 .venv/bin/ruff check src tests bench
 .venv/bin/mypy
 .venv/bin/pytest "$@"

@@ -28,6 +28,14 @@ __all__ = ["create_app"]
 logger = logging.getLogger(__name__)
 
 _INDEX = Path(__file__).parent / "web" / "static" / "index.html"
+# Model output is untrusted: besides sanitising, the page may run only its own scripts.
+_PAGE_HEADERS = {
+    "Cache-Control": "no-cache",
+    "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; "
+    "img-src 'self' data:; connect-src 'self'; object-src 'none'; base-uri 'none'; "
+    "form-action 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+}
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -65,7 +73,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get("/", include_in_schema=False)
     async def chat_page() -> FileResponse:
-        return FileResponse(_INDEX, headers={"Cache-Control": "no-cache"})
+        return FileResponse(_INDEX, headers=_PAGE_HEADERS)
 
     _document_body_models(app)
 

@@ -46,8 +46,9 @@ const conversation = (id) => `api/conversations/${encodeURIComponent(id)}`;
 
 export const listModels = async () => (await request("GET", "v1/models")).data.map((model) => model.id);
 
-export const listConversations = (offset = 0, limit = 50) =>
-  request("GET", `api/conversations?limit=${limit}&offset=${offset}`);
+/** One page, newest first; pass the page's `next_cursor` as `after` for the next one. */
+export const listConversations = (after = null, limit = 50) =>
+  request("GET", `api/conversations?limit=${limit}${after ? `&after=${encodeURIComponent(after)}` : ""}`);
 
 export const createConversation = (fields) => request("POST", "api/conversations", fields);
 export const getConversation = (id) => request("GET", conversation(id));

@@ -29,16 +29,18 @@ const STATUS_TEXT = {
   stopped: "Stopped",
   error: "Error",
   interrupted: "Interrupted: the answer was cut off before it finished",
-  streaming: "Still being written",
 };
+const POLL_INTERVAL = 1000; // ms between looks at an answer another tab or a reload left running
 
 const state = {
   conversations: [], // newest first, as the server lists them
   hasMore: false,
+  nextCursor: null,
   current: null, // the open conversation, or null for a new chat
   views: [], // MessageView of the open conversation, in order
   generations: new Map(), // conversation id -> the answer this tab is streaming into it
   opening: 0, // guards against a slow response overwriting a newer navigation
+  creating: false, // a new conversation is being created for the first question
   stickToBottom: true,
 };
 
@@ -94,6 +96,11 @@ class MessageView {
     }
   }
 
+  /** Draw now whatever text is still waiting for its frame. */
+  flush() {
+    if (this.frame) this.render();
+  }
+
   render() {
     if (this.frame) {
       cancelAnimationFrame(this.frame);
@@ -108,11 +115,8 @@ class MessageView {
     this.status = status;
     this.el.dataset.status = status;
     this.el.setAttribute("aria-busy", String(status === "streaming"));
-    let text = "";
-    if (status === "error") text = error ? `Error: ${error}` : STATUS_TEXT.error;
-    else if (status !== "complete" && !(status === "streaming" && generationFor(this))) {
-      text = STATUS_TEXT[status] || status;
-    }
+    let text = STATUS_TEXT[status] || "";
+    if (status === "error" && error) text = `Error: ${error}`;
     this.statusLine.textContent = text;
     this.statusLine.hidden = text === "";
   }
@@ -136,21 +140,17 @@ const ICONS = {
   delete: '<svg viewBox="0 0 24 24" aria-hidden="true"><path d="M4 7h16M10 11v6M14 11v6M6 7l1 13h10l1-13M9 7V4h6v3"/></svg>',
 };
 
-function generationFor(view) {
-  for (const generation of state.generations.values()) if (generation.view === view) return generation;
-  return null;
-}
-
 function addView(view) {
   state.views.push(view);
   ui.messages.append(view.el);
   refreshMessageChrome();
+  followBottom();
   return view;
 }
 
 /** Only the last answer can be regenerated, and only when nothing is streaming into it. */
 function refreshMessageChrome() {
-  const busy = state.current && state.generations.has(state.current.id);
+  const busy = isBusy();
   const lastAssistant = state.views.findLast((view) => view.role === "assistant");
   for (const view of state.views) {
     if (view.regenerate) view.regenerate.hidden = busy || view !== lastAssistant;
@@ -158,11 +158,18 @@ function refreshMessageChrome() {
   ui.empty.hidden = state.views.length > 0;
 }
 
+let autoScrollTop = -1;
+
 function followBottom() {
-  if (state.stickToBottom) ui.scroller.scrollTop = ui.scroller.scrollHeight;
+  if (!state.stickToBottom) return;
+  ui.scroller.scrollTop = ui.scroller.scrollHeight;
+  autoScrollTop = ui.scroller.scrollTop;
 }
 
 ui.scroller.addEventListener("scroll", () => {
+  // Our own scroll's event arrives a frame later, when more text may have pushed the bottom
+  // further down: only a scroll the reader made decides whether to keep following.
+  if (Math.abs(ui.scroller.scrollTop - autoScrollTop) < 2) return;
   const gap = ui.scroller.scrollHeight - ui.scroller.scrollTop - ui.scroller.clientHeight;
   // Reading an earlier part of the answer pauses autoscroll; scrolling back down resumes it.
   state.stickToBottom = gap < 48;
@@ -205,7 +212,7 @@ async function generate(conversationId, kind, body, userView) {
   } finally {
     if (generation.stopping) status = "stopped";
     state.generations.delete(conversationId);
-    view.render();
+    view.flush();
     view.setStatus(status, error);
     refreshComposer();
     refreshMessageChrome();
@@ -221,19 +228,26 @@ async function stopGeneration(generation) {
   try {
     await api.stopGeneration(generation.conversationId);
   } catch (failure) {
-    // Aborting below still ends the answer: the server stops it when the reader leaves.
-    console.warn("stop request failed:", failure);
+    // Leaving the stream does not stop an answer (the server finishes and saves it for a
+    // reload), so say that the stop did not reach the server.
+    showToast(`Could not stop the answer: ${failure.message}`);
   }
   generation.controller.abort();
 }
 
 // -- composer --------------------------------------------------------------------------------
 
+/** The open conversation is answering: streamed by this tab, or seen running on the server. */
+function isBusy() {
+  return Boolean(state.current && (state.generations.has(state.current.id) || state.current.answering));
+}
+
 function refreshComposer() {
   const generation = state.current && state.generations.get(state.current.id);
-  ui.stop.hidden = !generation;
+  const busy = isBusy();
+  ui.stop.hidden = !busy;
   ui.stop.disabled = Boolean(generation?.stopping);
-  ui.send.hidden = Boolean(generation);
+  ui.send.hidden = busy;
   ui.send.disabled = ui.prompt.value.trim() === "";
 }
 
@@ -255,21 +269,31 @@ ui.prompt.addEventListener("keydown", (event) => {
 });
 
 document.addEventListener("keydown", (event) => {
-  const generation = state.current && state.generations.get(state.current.id);
-  if (event.key === "Escape" && generation) stopGeneration(generation);
+  if (event.key === "Escape" && isBusy()) stopCurrent();
 });
 
 ui.form.addEventListener("submit", (event) => {
   event.preventDefault();
   const text = ui.prompt.value.trim();
-  if (text === "" || (state.current && state.generations.has(state.current.id))) return;
+  if (text === "" || isBusy() || state.creating) return;
   send(text);
 });
 
-ui.stop.addEventListener("click", () => {
-  const generation = state.current && state.generations.get(state.current.id);
-  if (generation) stopGeneration(generation);
-});
+ui.stop.addEventListener("click", stopCurrent);
+
+function stopCurrent() {
+  const conversation = state.current;
+  if (!conversation) return;
+  const generation = state.generations.get(conversation.id);
+  if (generation) {
+    stopGeneration(generation);
+  } else if (conversation.answering) {
+    ui.stop.disabled = true;
+    api.stopGeneration(conversation.id)
+      .catch((failure) => showToast(failure.message))
+      .finally(() => refreshOpenConversation(conversation.id, state.opening));
+  }
+}
 
 async function send(text) {
   const model = ui.model.value || undefined;
@@ -277,15 +301,20 @@ async function send(text) {
   ui.prompt.value = "";
   resizePrompt();
   if (!conversation) {
+    state.creating = true;
     try {
-      conversation = await api.createConversation({ title: titleFrom(text), model });
+      conversation = await api.createConversation({ model });
     } catch (failure) {
       ui.prompt.value = text; // nothing was sent: give the words back
       resizePrompt();
       refreshComposer();
       showToast(failure.message);
       return;
+    } finally {
+      state.creating = false;
     }
+    // The server names an untitled conversation after its first question; show that name now.
+    conversation.title ??= titleFrom(text);
     state.conversations.unshift(conversation);
     state.current = { ...conversation, messages: [] };
     history.pushState(null, "", `#/c/${encodeURIComponent(conversation.id)}`);
@@ -296,10 +325,13 @@ async function send(text) {
   await generate(conversation.id, "messages", { content: text, model }, userView);
 }
 
-function titleFrom(text) {
-  const line = text.split("\n").find((part) => part.trim() !== "") || text;
-  const words = line.replace(/\s+/g, " ").trim();
-  return words.length > 60 ? `${words.slice(0, 57).trimEnd()}…` : words;
+/** The title the server gives an untitled conversation: its first question, cut at a word. */
+function titleFrom(text, length = 60) {
+  const line = text.split(/\s+/).filter(Boolean).join(" ");
+  if (line.length <= length) return line;
+  const cut = line.slice(0, length);
+  const space = cut.lastIndexOf(" ");
+  return `${space > 0 ? cut.slice(0, space) : cut}…`;
 }
 
 // -- message actions -------------------------------------------------------------------------
@@ -324,7 +356,7 @@ ui.messages.addEventListener("click", async (event) => {
 
 function regenerate(view) {
   const conversation = state.current;
-  if (!conversation || state.generations.has(conversation.id)) return;
+  if (!conversation || isBusy()) return;
   // The server drops the last answer and writes a new one for the same question.
   state.views = state.views.filter((other) => other !== view);
   view.el.remove();
@@ -369,11 +401,12 @@ function flash(button, label) {
 
 async function loadConversations({ append = false } = {}) {
   try {
-    const page = await api.listConversations(append ? state.conversations.length : 0);
+    const page = await api.listConversations(append ? state.nextCursor : null);
     const known = new Set(append ? state.conversations.map((c) => c.id) : []);
     const fresh = page.data.filter((c) => !known.has(c.id));
     state.conversations = append ? state.conversations.concat(fresh) : page.data;
-    state.hasMore = page.has_more;
+    state.hasMore = Boolean(page.has_more && page.next_cursor);
+    state.nextCursor = page.next_cursor ?? null;
   } catch (failure) {
     showToast(`Could not load conversations: ${failure.message}`);
   }
@@ -569,13 +602,15 @@ async function openConversation(id) {
   if (conversation.model && ui.model.value !== conversation.model) selectModel(conversation.model);
 
   const generation = state.generations.get(id);
+  // This tab's own stream shows itself; the server's copy of it would only lag behind.
+  if (generation) conversation.answering = false;
   const live = new Set([generation?.view.id, generation?.userView?.id].filter(Boolean));
   const messages = conversation.messages || [];
   for (const [index, message] of messages.entries()) {
     if (live.has(message.id)) continue;
     // A stream this tab started whose ids have not arrived yet is on screen already.
     if (generation && !generation.view.id && index >= messages.length - 2) continue;
-    addView(new MessageView(message));
+    addView(new MessageView(shownMessage(message, conversation)));
   }
   if (generation) {
     if (generation.userView) addView(generation.userView);
@@ -586,6 +621,44 @@ async function openConversation(id) {
   refreshMessageChrome();
   refreshComposer();
   followBottom();
+  if (conversation.answering) watchAnswer(id, ticket);
+}
+
+/** A message still `streaming` when nothing answers any more was cut off (a crashed server). */
+function shownMessage(message, conversation) {
+  if (message.status === "streaming" && !conversation.answering) return { ...message, status: "interrupted" };
+  return message;
+}
+
+/** Follow an answer this tab did not start (a reload, another tab) as the server saves it. */
+async function watchAnswer(id, ticket) {
+  while (ticket === state.opening && state.current?.answering) {
+    await new Promise((resolve) => setTimeout(resolve, POLL_INTERVAL));
+    await refreshOpenConversation(id, ticket);
+  }
+}
+
+async function refreshOpenConversation(id, ticket) {
+  let conversation;
+  try {
+    conversation = await api.getConversation(id);
+  } catch {
+    return; // the next look, or the next navigation, will tell
+  }
+  if (ticket !== state.opening || state.current?.id !== id) return;
+  state.current.answering = conversation.answering;
+  for (const message of conversation.messages) {
+    const view = state.views.find((candidate) => candidate.id === message.id);
+    if (!view) continue;
+    const shown = shownMessage(message, conversation);
+    if (view.text !== shown.content) {
+      view.text = shown.content;
+      view.render();
+    }
+    if (view.status !== shown.status) view.setStatus(shown.status, shown.error);
+  }
+  refreshMessageChrome();
+  refreshComposer();
 }
 
 function showConversationTitle() {
