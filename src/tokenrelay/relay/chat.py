@@ -7,7 +7,8 @@ a user typed or a model wrote is lost to a dropped connection or a crash.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -89,31 +90,32 @@ class ChatService:
         self.store = store
         self.registry = registry
         self.generations = Generations()
+        self._claimed: set[str] = set()
         self._flush_interval = flush_interval
         self._answer_reserve = answer_reserve
 
     async def send(self, conversation_id: str, content: str, model: str | None = None) -> ChatTurn:
         """Store ``content`` as the user's next message and start the answer."""
-        conversation = await self.store.get_conversation(conversation_id)
-        model = await self._model_for(conversation, model)
-        self._refuse_if_busy(conversation_id)
-        user_message = await self.store.add_message(conversation_id, MessageRole.USER, content)
-        if conversation.title is None and not conversation.messages:
-            await self.store.rename_conversation(conversation_id, _title_from(content))
-        history = [*_history(conversation.messages), {"role": "user", "content": content}]
-        return await self._answer(conversation, history, model, user_message)
+        with self._claim(conversation_id):
+            conversation = await self.store.get_conversation(conversation_id)
+            model = await self._model_for(conversation, model)
+            user_message = await self.store.add_message(conversation_id, MessageRole.USER, content)
+            if conversation.title is None and not conversation.messages:
+                await self.store.rename_conversation(conversation_id, _title_from(content))
+            history = [*_history(conversation.messages), {"role": "user", "content": content}]
+            return await self._answer(conversation, history, model, user_message)
 
     async def regenerate(self, conversation_id: str, model: str | None = None) -> ChatTurn:
         """Answer the last user message again, replacing the answer after it."""
-        conversation = await self.store.get_conversation(conversation_id)
-        model = await self._model_for(conversation, model)
-        self._refuse_if_busy(conversation_id)
-        messages = list(conversation.messages)
-        while messages and messages[-1].role == MessageRole.ASSISTANT:
-            await self.store.delete_message(messages.pop().id)
-        if not messages or messages[-1].role != MessageRole.USER:
-            raise InvalidRequest("There is no question to answer again in this conversation.")
-        return await self._answer(conversation, _history(messages), model, None)
+        with self._claim(conversation_id):
+            conversation = await self.store.get_conversation(conversation_id)
+            model = await self._model_for(conversation, model)
+            messages = list(conversation.messages)
+            while messages and messages[-1].role == MessageRole.ASSISTANT:
+                await self.store.delete_message(messages.pop().id)
+            if not messages or messages[-1].role != MessageRole.USER:
+                raise InvalidRequest("There is no question to answer again in this conversation.")
+            return await self._answer(conversation, _history(messages), model, None)
 
     async def stop(self, conversation_id: str) -> bool:
         """Stop the running answer, if any; it is saved as ``stopped``."""
@@ -127,12 +129,23 @@ class ChatService:
         self.registry.resolve(model)  # an unknown model is refused before anything is stored
         return model
 
-    def _refuse_if_busy(self, conversation_id: str) -> None:
-        if self.generations.get(conversation_id) is not None:
+    @contextmanager
+    def _claim(self, conversation_id: str) -> Iterator[None]:
+        """Hold the conversation from the first await until its answer is registered.
+
+        Checked and taken without awaiting, so two requests arriving together cannot both start
+        an answer; after that, the running ``Generation`` itself marks the conversation busy.
+        """
+        if conversation_id in self._claimed or self.generations.get(conversation_id) is not None:
             raise InvalidRequest(
                 "This conversation is still answering; stop it or wait for it to finish.",
                 code="conversation_busy",
             )
+        self._claimed.add(conversation_id)
+        try:
+            yield
+        finally:
+            self._claimed.discard(conversation_id)
 
     async def _answer(
         self,

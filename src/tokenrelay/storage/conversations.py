@@ -105,7 +105,7 @@ class MessageRecord:
 
 
 class ConversationStore:
-    """Create, list, read, rename and delete conversations; add and update their messages.
+    """Create, list, read, rename and delete conversations; add, update and delete messages.
 
     Missing ids raise ``ConversationNotFound`` / ``MessageNotFound`` (HTTP 404 when they reach
     the API); a malformed page cursor raises ``InvalidCursor`` (400).
@@ -283,6 +283,17 @@ class ConversationStore:
         if row is None:
             raise MessageNotFound(message_id)
         return _message(row)
+
+    async def delete_message(self, message_id: str) -> None:
+        """Delete one message, e.g. an answer about to be regenerated.
+
+        The others keep their positions: order is preserved, numbering may then have a gap.
+        """
+        statement = sa.delete(Message).where(Message.id == message_id).returning(Message.id)
+        async with self._sessions.begin() as session:
+            deleted = await session.scalar(statement, execution_options=_NO_SYNC)
+        if deleted is None:
+            raise MessageNotFound(message_id)
 
     async def get_message(self, message_id: str) -> MessageRecord:
         async with self._sessions() as session:

@@ -28,7 +28,7 @@ from sqlalchemy.pool import NullPool
 
 from tokenrelay.storage.models import Message, MessageStatus, utcnow
 
-__all__ = ["Database", "default_database_url", "MIGRATIONS_DIR"]
+__all__ = ["MIGRATIONS_DIR", "Database", "alembic_config", "create_engine", "default_database_url"]
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 # Any constant works; it only has to be the same in every tokenrelay process sharing the database.
 _PG_MIGRATION_LOCK = 0x746F6B656E72  # "tokenr"
 
-# Seconds a SQLite writer waits for another writer before giving up with "database is locked".
+# How long a SQLite writer waits for another one before failing with "database is locked".
 _SQLITE_BUSY_TIMEOUT_MS = 15_000
 
 
@@ -119,7 +119,11 @@ class Database:
             logger.warning("marked %d unfinished answer(s) as interrupted", interrupted)
 
     async def migrate(self, revision: str = "head") -> None:
-        """Run Alembic up to ``revision``; safe when several processes start at once."""
+        """Run Alembic up to ``revision``; safe when several processes or tasks start at once.
+
+        Alembic keeps its running context in module globals, so two migrations must never
+        interleave, not even in one process; the lock taken below guarantees that too.
+        """
         async with self.migration_transaction() as connection:
             await connection.run_sync(_upgrade, revision)
 
@@ -150,14 +154,13 @@ class Database:
                 await engine.dispose()
 
     async def _interrupt_streaming(self) -> int:
-        async with self.sessions.begin() as session:
-            result = await session.execute(
+        async with self.engine.begin() as connection:
+            result = await connection.execute(
                 sa.update(Message)
                 .where(Message.status == MessageStatus.STREAMING)
                 .values(status=MessageStatus.INTERRUPTED, updated_at=utcnow())
-                .execution_options(synchronize_session=False)
             )
-        return _rowcount(result)
+        return result.rowcount
 
     async def close(self) -> None:
         await self.engine.dispose()
@@ -176,12 +179,6 @@ class Database:
 
     def __repr__(self) -> str:
         return f"Database({self.url.render_as_string(hide_password=True)!r})"
-
-
-def _rowcount(result: sa.Result[Any]) -> int:
-    # ``rowcount`` lives on CursorResult; an UPDATE always yields one.
-    assert isinstance(result, sa.CursorResult)
-    return result.rowcount
 
 
 async def _check_foreign_keys(connection: AsyncConnection) -> None:
