@@ -7,9 +7,9 @@ import contextlib
 import os
 import sys
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 import orjson
@@ -73,11 +73,25 @@ def serve(host: str | None, port: int | None, workers: int, reload: bool) -> Non
 )
 def ask(prompt: str, model: str | None, url: str | None) -> None:
     """Ask once and print the answer as it streams, e.g. tokenrelay ask "Hyperf 是什么?"."""
+    import aiohttp
+
     events = _ask_server(url, prompt, model) if url else _ask_in_process(prompt, model)
     try:
-        asyncio.run(_print_stream(events))
+        _run(_print_stream(events))
+    except (aiohttp.ClientError, TimeoutError):
+        raise click.ClickException(f"Could not reach tokenrelay at {url}.") from None
+
+
+def _run(work: Coroutine[Any, Any, None]) -> None:
+    """Run a command's coroutine; errors meant for users are printed, not traced back."""
+    from tokenrelay.errors import TokenrelayError
+
+    try:
+        asyncio.run(work)
     except StreamError as exc:
         raise click.ClickException(str(exc)) from None
+    except TokenrelayError as exc:
+        raise click.ClickException(exc.message) from None
 
 
 async def _print_stream(events: AsyncIterator[bytes]) -> None:
@@ -141,7 +155,7 @@ def chat(model: str | None, conversation_id: str | None, system: str | None) -> 
 
     Replies stream as they are written; Ctrl-C stops a reply, Ctrl-D or /exit leaves.
     """
-    asyncio.run(_chat(model, conversation_id, system))
+    _run(_chat(model, conversation_id, system))
 
 
 async def _chat(model: str | None, conversation_id: str | None, system: str | None) -> None:
@@ -204,7 +218,7 @@ async def _read_line(prompt: str) -> str:
 @click.option("-n", "--limit", default=20, show_default=True, help="How many conversations.")
 def history(conversation_id: str | None, limit: int) -> None:
     """List saved conversations, newest first, or show one of them whole."""
-    asyncio.run(_history(conversation_id, limit))
+    _run(_history(conversation_id, limit))
 
 
 async def _history(conversation_id: str | None, limit: int) -> None:
