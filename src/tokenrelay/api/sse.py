@@ -13,46 +13,23 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncGenerator, Mapping
-from typing import Any
 
 import anyio
-import orjson
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from tokenrelay.errors import TokenrelayError
+from tokenrelay.sse import PING, encode_event
 
-__all__ = ["EventStreamResponse", "encode_event", "DONE", "PING", "SSE_HEADERS"]
+__all__ = ["SSE_HEADERS", "EventStreamResponse"]
 
 logger = logging.getLogger(__name__)
 
-DONE = b"data: [DONE]\n\n"
-PING = b": ping\n\n"
 SSE_HEADERS = {
     "Cache-Control": "no-cache",
     "X-Accel-Buffering": "no",
     "Connection": "keep-alive",
 }
-
-
-def encode_event(data: Any, *, event: str | None = None, id: str | None = None) -> bytes:
-    """Frame one event; ``data`` is JSON-encoded unless it is already ``bytes`` or ``str``.
-
-    A payload with newlines becomes several ``data:`` lines, as the HTML standard requires.
-    """
-    if isinstance(data, bytes):
-        payload = data
-    elif isinstance(data, str):
-        payload = data.encode()
-    else:
-        payload = orjson.dumps(data)
-    lines = []
-    if id is not None:
-        lines.append(b"id: " + id.encode())
-    if event is not None:
-        lines.append(b"event: " + event.encode())
-    lines.extend(b"data: " + line for line in payload.splitlines() or [b""])
-    return b"\n".join(lines) + b"\n\n"
 
 
 class EventStreamResponse(StreamingResponse):

@@ -183,8 +183,10 @@ class LlamaEngine:
 
     def _open(self) -> Any:
         path = self.path
-        if not path.is_file():
+        if not path.exists():
             raise ModelUnavailable(f"The local model file {path} does not exist.")
+        if not path.is_file():
+            raise ModelUnavailable(f"The local model path {path} is not a file.")
         try:
             with path.open("rb") as f:
                 magic = f.read(4)
@@ -269,7 +271,7 @@ class LlamaEngine:
             with self._lock:
                 if job._state is _State.CANCELLED:
                     continue
-                if job.cancelled.is_set():  # abandoned without `cancel` (garbage collected)
+                if job.cancelled.is_set():  # `cancel` is under way, or the stream was dropped
                     job._state = _State.DONE
                     self._admitted.discard(job)
                     continue
@@ -314,15 +316,17 @@ class _Worker(threading.Thread):
     def run(self) -> None:
         try:
             while (job := self._engine._next_job()) is not None:
+                last: Item | None
                 try:
-                    self._run(job)
+                    last = self._run(job)
                 except Exception:
                     logger.exception("local model failed while generating")
-                    job.emit(
-                        TokenrelayError("The local model failed while generating; see the log.")
-                    )
-                finally:
-                    self._engine._job_done(job)
+                    last = TokenrelayError("The local model failed while generating; see the log.")
+                # Free the instance before the requester hears the end, so that a request it
+                # sends next never sees this one still running.
+                self._engine._job_done(job)
+                if last is not None:
+                    job.emit(last)
         finally:
             self._llama.close()
 
@@ -376,19 +380,19 @@ class _Worker(threading.Thread):
         self._pieces[token] = piece
         return piece
 
-    def _run(self, job: Job) -> None:
+    def _run(self, job: Job) -> Item | None:
+        """Decode ``job``, emitting its text; return its last item (None: nobody listens)."""
         try:
             prompt = self._prompt_tokens(job)
         except TokenrelayError as exc:
-            job.emit(exc)
-            return
+            return exc
         n_prompt = len(prompt)
         s = job.sampling
         room = self._n_ctx - n_prompt
         limit = room if s.max_tokens is None else min(s.max_tokens, room)
         cancelled = job.cancelled
         if not job.emit(Started(n_prompt)) or cancelled.is_set():
-            return
+            return None
 
         llama = self._llama
         llama.set_seed(llama_cpp.LLAMA_DEFAULT_SEED if s.seed is None else s.seed)
@@ -411,6 +415,7 @@ class _Worker(threading.Thread):
         is_eog = llama_cpp.llama_vocab_is_eog
         emit = job.emit
         finish_reason = "length"
+        stop_sequence_found = False
         produced = 0
         try:
             for token in tokens:
@@ -426,24 +431,24 @@ class _Worker(threading.Thread):
                     if hit:
                         if text:
                             emit(text)
-                        finish_reason = "stop"
+                        finish_reason, stop_sequence_found = "stop", True
                         break
                 if text and not emit(text):
-                    return
+                    return None
                 if produced >= limit or cancelled.is_set():
                     break
         finally:
             tokens.close()
         if cancelled.is_set():
-            job.emit(ModelUnavailable("The local model stopped before the answer was finished."))
-            return
-        if finish_reason == "length":
+            # Heard only when `close` stopped the job; a requester that cancelled has gone.
+            return ModelUnavailable("The local model stopped before the answer was finished.")
+        if not stop_sequence_found:  # send what was held back: a partial character or stop
             tail = decode(b"", True)
             if stops is not None:
                 tail = stops.flush(tail)
             if tail:
                 emit(tail)
-        emit(Finished(finish_reason, n_prompt, produced))
+        return Finished(finish_reason, n_prompt, produced)
 
 
 class _StopScanner:

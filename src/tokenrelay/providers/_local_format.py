@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 
-from tokenrelay.api.sse import DONE, encode_event
+from tokenrelay.sse import DONE, encode_event
 
 __all__ = ["AnswerFormat"]
 

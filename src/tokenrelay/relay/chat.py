@@ -14,11 +14,11 @@ from typing import Any
 
 import orjson
 
-from tokenrelay.api.sse import encode_event
 from tokenrelay.errors import InvalidRequest, TokenrelayError
 from tokenrelay.providers.base import ProviderRequest
 from tokenrelay.providers.registry import ProviderRegistry
 from tokenrelay.relay.generation import Generation, Generations
+from tokenrelay.sse import encode_event
 from tokenrelay.storage.conversations import (
     ConversationDetail,
     ConversationStore,

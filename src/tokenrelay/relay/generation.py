@@ -13,9 +13,9 @@ import asyncio
 import logging
 from collections.abc import AsyncGenerator
 
-from tokenrelay.api.sse import DONE, encode_event
 from tokenrelay.chunks import ChunkSummary, StreamError
 from tokenrelay.errors import TokenrelayError
+from tokenrelay.sse import DONE, encode_event
 from tokenrelay.storage.conversations import ConversationStore
 from tokenrelay.storage.models import MessageStatus
 
