@@ -14,7 +14,8 @@ import fnmatch
 import logging
 import re
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
+from types import TracebackType
 from typing import Any
 
 import aiohttp
@@ -140,7 +141,7 @@ class OpenAICompatibleProvider:
 
     async def open_stream(self, request: ProviderRequest) -> AsyncGenerator[bytes, None]:
         resp = await self._post(request)
-        return self._relay(resp)
+        return _UpstreamEvents(resp, self._transport_error)
 
     async def _post(self, request: ProviderRequest) -> aiohttp.ClientResponse:
         """Send the client's bytes; return the response once the upstream answered 2xx."""
@@ -158,33 +159,6 @@ class OpenAICompatibleProvider:
                 resp.release()
             raise self._error_from(resp.status, body, resp.headers)
         return resp
-
-    async def _relay(self, resp: aiohttp.ClientResponse) -> AsyncGenerator[bytes, None]:
-        """Yield the upstream's bytes, cut so that every piece ends on an event boundary.
-
-        Upstreams almost always send one event per read, so the common case yields the bytes as
-        they came, with no copy. ``resp.close()`` in ``finally`` drops the connection at once when
-        the client leaves (the generator is closed) or anything fails.
-        """
-        pending = b""
-        try:
-            async for data in resp.content.iter_any():
-                if pending:
-                    data = pending + data
-                    pending = b""
-                if not data.endswith(_EVENT_END):
-                    cut = max(data.rfind(b"\n\n") + 2, data.rfind(b"\r\n\r\n") + 4)
-                    if cut < 4:  # no boundary yet (rfind gave -1): wait for more bytes
-                        pending = data
-                        continue
-                    data, pending = data[:cut], data[cut:]
-                yield data
-            if pending.strip():
-                yield pending + b"\n\n"
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise self._transport_error(exc, mid_stream=True) from None
-        finally:
-            resp.close()
 
     def _transport_error(self, exc: BaseException, *, mid_stream: bool = False) -> TokenrelayError:
         where = "stopped in the middle of the answer" if mid_stream else "could not be reached"
@@ -258,3 +232,72 @@ def _parse_error(body: bytes) -> tuple[str, str | None, str | None, str | None]:
 
 def _card(model: str, owner: str) -> ModelCard:
     return {"id": model, "object": "model", "created": 0, "owned_by": owner}
+
+
+class _UpstreamEvents(AsyncGenerator[bytes, None]):
+    """The upstream's streamed bytes, cut so that every piece ends on an SSE event boundary.
+
+    Upstreams almost always send one event per read, so the common case returns the bytes as
+    they came, with no copy. A class rather than an ``async def`` generator because closing it
+    must close the upstream response even before the first read (a generator that never started
+    runs no ``finally``): that is what stops the upstream when a client leaves early.
+    """
+
+    __slots__ = ("_chunks", "_on_error", "_pending", "_resp")
+
+    def __init__(
+        self,
+        resp: aiohttp.ClientResponse,
+        on_error: Callable[..., TokenrelayError],
+    ) -> None:
+        self._resp = resp
+        self._chunks = resp.content.iter_any()
+        self._pending = b""
+        self._on_error = on_error
+
+    async def __anext__(self) -> bytes:
+        try:
+            while True:
+                try:
+                    data = await self._chunks.__anext__()
+                except StopAsyncIteration:
+                    self._resp.release()  # read to the end: the connection goes back to the pool
+                    tail, self._pending = self._pending, b""
+                    if tail.strip():  # an upstream that ended without a blank line
+                        return tail + b"\n\n"
+                    raise
+                if self._pending:
+                    data, self._pending = self._pending + data, b""
+                if not data.endswith(_EVENT_END):
+                    lf, crlf = data.rfind(b"\n\n"), data.rfind(b"\r\n\r\n")
+                    cut = max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
+                    if cut == 0:  # no boundary yet: wait for more bytes
+                        self._pending = data
+                        continue
+                    data, self._pending = data[:cut], data[cut:]
+                return data
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            self._resp.close()
+            raise self._on_error(exc, mid_stream=True) from None
+        except StopAsyncIteration:
+            raise
+        except BaseException:  # cancellation (the client left), anything else: drop the connection
+            self._resp.close()
+            raise
+
+    async def asend(self, value: None) -> bytes:
+        return await self.__anext__()
+
+    async def athrow(
+        self,
+        typ: type[BaseException] | BaseException,
+        val: object = None,
+        tb: TracebackType | None = None,
+    ) -> bytes:
+        self._resp.close()
+        if isinstance(typ, BaseException):
+            raise typ
+        raise typ() if val is None else typ(val)
+
+    async def aclose(self) -> None:
+        self._resp.close()
