@@ -50,6 +50,14 @@ def serve(host: str | None, port: int | None, workers: int, reload: bool) -> Non
     from tokenrelay.config import Settings
 
     settings = Settings()
+    if settings.local.enabled and settings.local.load == "eager":
+        from tokenrelay.errors import TokenrelayError
+        from tokenrelay.providers.local import check_model
+
+        try:
+            check_model(settings.local)
+        except TokenrelayError as exc:
+            raise click.ClickException(exc.message) from None
     uvicorn.run(
         "tokenrelay.app:create_app",
         factory=True,

