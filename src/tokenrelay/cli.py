@@ -79,11 +79,15 @@ def serve(host: str | None, port: int | None, workers: int, reload: bool) -> Non
     envvar="TOKENRELAY_URL",
     help="A running tokenrelay (e.g. http://127.0.0.1:8000); without it, answer in-process.",
 )
-def ask(prompt: str, model: str | None, url: str | None) -> None:
+@click.option("--max-tokens", type=click.IntRange(min=1), help="Stop the answer after N tokens.")
+def ask(prompt: str, model: str | None, url: str | None, max_tokens: int | None) -> None:
     """Ask once and print the answer as it streams, e.g. tokenrelay ask "Hyperf 是什么?"."""
     import aiohttp
 
-    events = _ask_server(url, prompt, model) if url else _ask_in_process(prompt, model)
+    body = {"messages": [{"role": "user", "content": prompt}], "stream": True}
+    if max_tokens is not None:
+        body["max_tokens"] = max_tokens
+    events = _ask_server(url, body, model) if url else _ask_in_process(body, model)
     try:
         _run(_print_stream(events))
     except (aiohttp.ClientError, TimeoutError):
@@ -110,13 +114,7 @@ async def _print_stream(events: AsyncIterator[bytes]) -> None:
     sys.stdout.write("\n")
 
 
-def _chat_body(prompt: str, model: str) -> bytes:
-    return orjson.dumps(
-        {"model": model, "stream": True, "messages": [{"role": "user", "content": prompt}]}
-    )
-
-
-async def _ask_server(url: str, prompt: str, model: str | None) -> AsyncIterator[bytes]:
+async def _ask_server(url: str, body: dict[str, Any], model: str | None) -> AsyncIterator[bytes]:
     import aiohttp
 
     async with aiohttp.ClientSession(base_url=url.rstrip("/") + "/") as session:
@@ -125,7 +123,7 @@ async def _ask_server(url: str, prompt: str, model: str | None) -> AsyncIterator
                 model = (await resp.json())["data"][0]["id"]
         async with session.post(
             "v1/chat/completions",
-            data=_chat_body(prompt, str(model)),
+            data=orjson.dumps({**body, "model": model}),
             headers={"Content-Type": "application/json"},
         ) as resp:
             if resp.status != 200:
@@ -134,7 +132,7 @@ async def _ask_server(url: str, prompt: str, model: str | None) -> AsyncIterator
                 yield line
 
 
-async def _ask_in_process(prompt: str, model: str | None) -> AsyncIterator[bytes]:
+async def _ask_in_process(body: dict[str, Any], model: str | None) -> AsyncIterator[bytes]:
     from tokenrelay.config import Settings
     from tokenrelay.errors import TokenrelayError
     from tokenrelay.providers.base import ProviderRequest
@@ -143,8 +141,8 @@ async def _ask_in_process(prompt: str, model: str | None) -> AsyncIterator[bytes
     registry = ProviderRegistry.from_settings(Settings())
     try:
         model = model or await registry.default_model()
-        raw = _chat_body(prompt, model)
-        request = ProviderRequest("chat/completions", model, orjson.loads(raw), raw)
+        body = {**body, "model": model}
+        request = ProviderRequest("chat/completions", model, body, orjson.dumps(body))
         stream = await registry.resolve(model).open_stream(request)
         async for chunk in stream:
             yield chunk
