@@ -16,6 +16,11 @@ send through the openai SDK's ``extra_body`` and which tokenrelay forwards like 
 ``tool_calls``   answer with a function tool call instead of text
 ``finish_reason`` replaces the natural finish reason
 
+A test that cannot put ``fake`` into the body, because tokenrelay builds the upstream request itself
+(the conversation API, ``tokenrelay chat``), sets ``FakeUpstream.defaults`` instead: those options
+apply to every request, under whatever the request's own ``fake`` object says. ``reset()`` empties
+them, so they never outlive the test that set them.
+
 Every request is recorded (``FakeUpstream.requests``) with what the fake saw and, once the fake is
 done with it, its outcome: ``"completed"``, ``"abandoned"`` (the client went away first, with the
 ``time.monotonic()`` at which the fake noticed) or ``"failed"`` (``fail_after`` cut it on purpose).
@@ -139,7 +144,7 @@ class _Behaviour:
     finish_reason: str | None = None
 
     @classmethod
-    def from_body(cls, body: dict[str, Any]) -> _Behaviour:
+    def from_body(cls, body: dict[str, Any], defaults: dict[str, Any] | None = None) -> _Behaviour:
         # tokenrelay forwards whatever clients send, fuzz included, so the fake validates
         # its own field rather than crash into a 500 that would look like tokenrelay's fault.
         options = body.get("fake", {})
@@ -147,6 +152,7 @@ class _Behaviour:
             options = {}
         if not isinstance(options, dict):
             raise _BadRequest("`fake` must be an object")
+        options = {**(defaults or {}), **options}
         return cls(
             tokens=_number(options, "tokens", int, 5, minimum=0),
             delay=_number(options, "delay", float, 0.0, minimum=0),
@@ -237,6 +243,8 @@ class FakeUpstream:
 
     def __init__(self, models: list[str] | None = None) -> None:
         self.models: list[str] = list(models or DEFAULT_MODELS)
+        self.defaults: dict[str, Any] = {}
+        """``fake`` options for requests that do not set them; see the module's docstring."""
         self.requests: list[RecordedRequest] = []
         self._seen = 0
         self._ids = itertools.count(1)
@@ -324,10 +332,12 @@ class FakeUpstream:
     # -- what tests read ---------------------------------------------------------------------
 
     def reset(self) -> None:
-        """Forget recorded requests (tests sharing one fake call this between them)."""
+        """Forget recorded requests and ``defaults``; tests sharing one fake call this between."""
         with self._changed:
             self.requests.clear()
             self._seen = 0
+        # A new dict rather than clear(): the server thread may be reading the old one right now.
+        self.defaults = {}
 
     def last_request(self, timeout: float = 5.0) -> RecordedRequest:
         """Wait until a request arrives that no earlier call returned, and return the newest.
@@ -394,7 +404,7 @@ class FakeUpstream:
                 "aren't using your HTTP library correctly.)",
             )
         try:
-            behaviour = _Behaviour.from_body(record.json)
+            behaviour = _Behaviour.from_body(record.json, self.defaults)
         except _BadRequest as exc:
             return _error_response(400, str(exc))
         if behaviour.headers_delay:

@@ -172,3 +172,18 @@ def test_models_and_azure_paths_are_served(fake_upstream: FakeUpstream) -> None:
 def test_last_request_times_out_when_nothing_arrives(fake_upstream: FakeUpstream) -> None:
     with pytest.raises(TimeoutError):
         fake_upstream.last_request(timeout=0.05)
+
+
+def test_defaults_apply_under_the_requests_own_options(fake_upstream: FakeUpstream) -> None:
+    fake_upstream.defaults = {"tokens": 2, "finish_reason": "length"}
+    url = f"{fake_upstream.base_url}/chat/completions"
+
+    plain = httpx.post(url, json={"model": "fake-model", "messages": []}).json()
+    overridden = httpx.post(url, json=_chat({"tokens": 3})).json()
+
+    assert plain["choices"][0]["message"]["content"] == "word0 word1 "
+    assert plain["choices"][0]["finish_reason"] == "length"
+    assert overridden["choices"][0]["message"]["content"] == expected_text(3)
+    assert overridden["choices"][0]["finish_reason"] == "length"
+    fake_upstream.reset()
+    assert fake_upstream.defaults == {}

@@ -127,7 +127,11 @@ async def _ask_server(url: str, body: dict[str, Any], model: str | None) -> Asyn
             headers={"Content-Type": "application/json"},
         ) as resp:
             if resp.status != 200:
-                raise StreamError((await resp.json()).get("error", {}))
+                try:
+                    error = (await resp.json(content_type=None))["error"]
+                except (ValueError, KeyError, TypeError):  # not tokenrelay's JSON (a proxy's page?)
+                    error = {"message": f"{url} answered HTTP {resp.status}."}
+                raise StreamError(error)
             async for line in resp.content:
                 yield line
 

@@ -111,11 +111,12 @@ class ChatService:
             conversation = await self.store.get_conversation(conversation_id)
             model = await self._model_for(conversation, model)
             messages = list(conversation.messages)
+            replaced = []
             while messages and messages[-1].role == MessageRole.ASSISTANT:
-                await self.store.delete_message(messages.pop().id)
+                replaced.append(messages.pop().id)
             if not messages or messages[-1].role != MessageRole.USER:
                 raise InvalidRequest("There is no question to answer again in this conversation.")
-            return await self._answer(conversation, _history(messages), model, None)
+            return await self._answer(conversation, _history(messages), model, None, replaced)
 
     async def stop(self, conversation_id: str) -> bool:
         """Stop the running answer, if any; it is saved as ``stopped``."""
@@ -153,7 +154,9 @@ class ChatService:
         history: list[dict[str, Any]],
         model: str,
         user_message: MessageRecord | None,
+        replaced: Sequence[str] = (),
     ) -> ChatTurn:
+        """Start the answer; ``replaced`` answers are deleted once the new one has started."""
         provider = self.registry.resolve(model)
         budget = provider.context_window(model) - self._answer_reserve
         body = {
@@ -175,6 +178,8 @@ class ChatService:
                 answer.id, status=MessageStatus.ERROR, error=exc.message
             )
             raise
+        for message_id in replaced:
+            await self.store.delete_message(message_id)
         generation = Generation(self.store, answer.id, stream, flush_interval=self._flush_interval)
         self.generations.start(conversation.id, generation)
         return ChatTurn(user_message, answer, generation)

@@ -10,6 +10,7 @@ explicit ``stop()`` (or shutdown) cancels the upstream request; the message is t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncGenerator
 
@@ -45,6 +46,7 @@ class Generation:
         self._error: str | None = None
         self._reader: asyncio.Queue[bytes | None] | None = asyncio.Queue()
         self._final_status = MessageStatus.STOPPED
+        self._finished = asyncio.Event()
         self.task = asyncio.create_task(self._run(), name=f"generation {message_id}")
 
     async def _run(self) -> None:
@@ -70,24 +72,31 @@ class Generation:
             self._status, self._error = MessageStatus.ERROR, "The answer failed unexpectedly."
             self._publish(encode_event({"error": {"message": self._error, "type": "server_error"}}))
         finally:
-            flusher.cancel()
-            await asyncio.shield(self._save_final())
-            self._publish(None)
+            try:
+                # Never cancel a write in flight: on SQLite that can leave the write lock held.
+                self._finished.set()
+                await flusher
+                await asyncio.shield(self._save_final())
+            finally:
+                self._publish(None)
 
     def _publish(self, chunk: bytes | None) -> None:
         if self._reader is not None:
             self._reader.put_nowait(chunk)
 
     async def _flush_periodically(self) -> None:
-        while True:
-            await asyncio.sleep(self._flush_interval)
-            await self._flush()
-
-    async def _flush(self) -> None:
-        text = self._summary.text
-        if len(text) > self._saved:
-            piece, self._saved = text[self._saved :], len(text)
-            await self._store.update_message(self.message_id, append=piece)
+        """Append new text every ``flush_interval`` seconds until the answer is finished."""
+        while not self._finished.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._finished.wait(), self._flush_interval)
+            text = self._summary.text
+            if len(text) > self._saved and not self._finished.is_set():
+                try:
+                    await self._store.update_message(self.message_id, append=text[self._saved :])
+                except Exception:  # the final save appends whatever is still unsaved
+                    logger.exception("saving answer %s failed; retrying later", self.message_id)
+                    continue
+                self._saved = len(text)
 
     async def _save_final(self) -> None:
         try:
