@@ -12,7 +12,7 @@ from starlette.responses import Response
 from tokenrelay.api.relay import read_body, settings_of
 from tokenrelay.api.sse import EventStreamResponse
 from tokenrelay.relay.chat import ChatService
-from tokenrelay.storage.conversations import ConversationRecord, MessageRecord
+from tokenrelay.storage.conversations import ConversationRecord
 
 __all__ = ["router"]
 
@@ -47,6 +47,8 @@ class Regenerate(BaseModel):
 
 
 class ConversationOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
     id: str
     title: str | None
     model: str | None
@@ -56,6 +58,8 @@ class ConversationOut(BaseModel):
 
 
 class MessageOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
     id: str
     role: str
     content: str
@@ -93,28 +97,7 @@ def _chat(request: Request) -> ChatService:
 
 
 def _conversation(record: ConversationRecord) -> ConversationOut:
-    return ConversationOut(
-        id=record.id,
-        title=record.title,
-        model=record.model,
-        system=record.system,
-        created_at=record.created_at,
-        updated_at=record.updated_at,
-    )
-
-
-def _message(record: MessageRecord) -> MessageOut:
-    return MessageOut(
-        id=record.id,
-        role=str(record.role),
-        content=record.content,
-        status=str(record.status),
-        error=record.error,
-        model=record.model,
-        prompt_tokens=record.prompt_tokens,
-        completion_tokens=record.completion_tokens,
-        created_at=record.created_at,
-    )
+    return ConversationOut.model_validate(record, from_attributes=True)
 
 
 @router.post("", status_code=201, response_model=ConversationOut)
@@ -151,7 +134,7 @@ async def get_conversation(request: Request, conversation_id: str) -> Conversati
     detail = await chat.store.get_conversation(conversation_id)
     return ConversationWithMessages(
         **_conversation(detail).model_dump(),
-        messages=[_message(m) for m in detail.messages],
+        messages=[MessageOut.model_validate(m) for m in detail.messages],
         answering=chat.generations.get(conversation_id) is not None,
     )
 
