@@ -18,6 +18,7 @@ if ! command -v chromium >/dev/null; then
     fi
 fi
 
-.venv/bin/ruff check src tests bench
+.venv/bin/ruff check
+.venv/bin/ruff format --check
 .venv/bin/mypy
 .venv/bin/pytest "$@"
