@@ -12,11 +12,13 @@ from fastapi import FastAPI
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic.json_schema import models_json_schema
+from starlette.types import Receive, Scope, Send
 
 from tokenrelay import __version__
 from tokenrelay.api import ask, conversations, openai_routes
 from tokenrelay.api.errors import install_error_handlers
 from tokenrelay.api.limits import BodySizeLimit
+from tokenrelay.api.sse import RAW_SEND
 from tokenrelay.config import Settings
 from tokenrelay.providers.registry import ProviderRegistry
 from tokenrelay.relay.chat import ChatService
@@ -57,7 +59,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await registry.aclose()
             await database.close()
 
-    app = FastAPI(
+    app = _App(
         title="tokenrelay",
         version=__version__,
         summary="An OpenAI-compatible streaming gateway with an embedded local model.",
@@ -83,6 +85,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return {"status": "ok"}
 
     return app
+
+
+class _App(FastAPI):
+    """FastAPI, plus the server's own ``send`` in each HTTP scope for streamed bodies."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            scope[RAW_SEND] = send
+        await super().__call__(scope, receive, send)
 
 
 def _document_body_models(app: FastAPI) -> None:
