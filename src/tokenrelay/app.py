@@ -12,7 +12,7 @@ from fastapi import FastAPI
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic.json_schema import models_json_schema
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from tokenrelay import __version__
 from tokenrelay.api import ask, conversations, openai_routes
@@ -68,6 +68,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.fast_path = BodySizeLimit(openai_routes.serve_fast, max_bytes=settings.max_body_bytes)
     app.include_router(openai_routes.router)
     app.include_router(ask.router)
     app.include_router(conversations.router)
@@ -88,11 +89,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 
 class _App(FastAPI):
-    """FastAPI, plus the server's own ``send`` in each HTTP scope for streamed bodies."""
+    """FastAPI, with the completion endpoints served on a short path (``serve_fast``), and the
+    server's own ``send`` in each HTTP scope for streamed bodies (``EventStreamResponse``)."""
+
+    fast_path: ASGIApp | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             scope[RAW_SEND] = send
+            if (
+                self.fast_path is not None
+                and scope["method"] == "POST"
+                and scope["path"] in openai_routes.FAST_ROUTES
+            ):
+                scope["app"] = self
+                await self.fast_path(scope, receive, send)
+                return
         await super().__call__(scope, receive, send)
 
 

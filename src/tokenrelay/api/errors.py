@@ -18,7 +18,9 @@ from starlette.responses import Response
 
 from tokenrelay.errors import InvalidRequest, TokenrelayError
 
-__all__ = ["install_error_handlers", "error_response", "validation_message"]
+__all__ = ["INTERNAL_ERROR", "error_response", "install_error_handlers", "validation_message"]
+
+INTERNAL_ERROR = "The server had an error processing your request."
 
 logger = logging.getLogger(__name__)
 
@@ -108,11 +110,10 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def on_http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
-        codes = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+        codes = {404: "not_found", 405: "method_not_allowed"}
         message = {
             404: f"Unknown request URL: {request.method} {request.url.path}.",
             405: f"Method {request.method} is not allowed for {request.url.path}.",
-            413: str(exc.detail),
         }.get(exc.status_code, "The request could not be handled.")
         err = InvalidRequest(message, code=codes.get(exc.status_code))
         err.status = exc.status_code
@@ -121,7 +122,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def on_unexpected(request: Request, exc: Exception) -> Response:
         logger.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(TokenrelayError("The server had an error processing your request."))
+        return error_response(TokenrelayError(INTERNAL_ERROR))
 
     app.add_exception_handler(TokenrelayError, on_tokenrelay_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)

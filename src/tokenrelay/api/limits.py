@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tokenrelay.api.errors import error_response
@@ -39,8 +38,8 @@ class BodySizeLimit:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
-                    # An HTTPException passes through FastAPI's body reading to our handler.
-                    raise HTTPException(413, detail=self._error().message)
+                    # Raised to whoever reads the body (``read_body``), mapped like any error.
+                    raise self._error()
             return message
 
         await self.app(scope, counting_receive, send)
