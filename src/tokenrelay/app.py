@@ -116,7 +116,10 @@ def _document_body_models(app: FastAPI) -> None:
         if app.openapi_schema is None:
             spec = build()
             _, defs = models_json_schema(
-                [(model, "validation") for model in openai_routes.BODY_MODELS],
+                [
+                    (model, "validation")
+                    for model in openai_routes.BODY_MODELS + conversations.BODY_MODELS
+                ],
                 ref_template="#/components/schemas/{model}",
             )
             spec.setdefault("components", {}).setdefault("schemas", {}).update(defs["$defs"])

@@ -9,12 +9,12 @@ from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 
-from tokenrelay.api.relay import read_body, settings_of
+from tokenrelay.api.relay import body_doc, read_body, settings_of
 from tokenrelay.api.sse import EventStreamResponse
 from tokenrelay.relay.chat import ChatService
 from tokenrelay.storage.conversations import ConversationRecord
 
-__all__ = ["router"]
+__all__ = ["BODY_MODELS", "router"]
 
 router = APIRouter(prefix="/api/conversations", tags=["Conversations"])
 
@@ -100,7 +100,9 @@ def _conversation(record: ConversationRecord) -> ConversationOut:
     return ConversationOut.model_validate(record, from_attributes=True)
 
 
-@router.post("", status_code=201, response_model=ConversationOut)
+@router.post(
+    "", status_code=201, response_model=ConversationOut, openapi_extra=body_doc(NewConversation)
+)
 async def create_conversation(request: Request) -> ConversationOut:
     """Start a conversation, optionally with a title, a model and a system prompt."""
     new, _, _ = await read_body(request, NewConversation)
@@ -139,7 +141,7 @@ async def get_conversation(request: Request, conversation_id: str) -> Conversati
     )
 
 
-@router.patch("/{conversation_id}", response_model=ConversationOut)
+@router.patch("/{conversation_id}", response_model=ConversationOut, openapi_extra=body_doc(Rename))
 async def rename_conversation(request: Request, conversation_id: str) -> ConversationOut:
     """Rename a conversation."""
     rename, _, _ = await read_body(request, Rename)
@@ -179,3 +181,7 @@ async def stop(request: Request, conversation_id: str) -> dict[str, bool]:
     chat = _chat(request)
     await chat.store.get_conversation(conversation_id)  # 404 for an unknown id
     return {"stopped": await chat.stop(conversation_id)}
+
+
+BODY_MODELS: list[type[BaseModel]] = [NewConversation, Rename, NewMessage, Regenerate]
+"""Bodies documented by reference: ``tokenrelay.app`` adds their schemas to the OpenAPI spec."""

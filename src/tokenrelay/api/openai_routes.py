@@ -11,7 +11,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from tokenrelay.api.errors import INTERNAL_ERROR, error_response
-from tokenrelay.api.relay import read_body, registry_of, relay
+from tokenrelay.api.relay import body_doc, read_body, registry_of, relay
 from tokenrelay.api.schemas import ChatCompletionRequest, CompletionRequest
 from tokenrelay.errors import TokenrelayError
 from tokenrelay.providers.base import Endpoint
@@ -29,12 +29,6 @@ _STREAM_DOC: dict[int | str, dict[str, Any]] = {
         "content": {"application/json": {}, "text/event-stream": {}},
     }
 }
-
-
-def _body_doc(model: type[BaseModel]) -> dict[str, Any]:
-    """Document a body that the route validates itself (see ``read_body``)."""
-    ref = {"$ref": f"#/components/schemas/{model.__name__}"}
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
 
 
 FAST_ROUTES: dict[str, tuple[Endpoint, type[BaseModel]]] = {
@@ -69,7 +63,7 @@ async def serve_fast(scope: Scope, receive: Receive, send: Send) -> None:
     "/chat/completions",
     response_class=Response,
     responses=_STREAM_DOC,
-    openapi_extra=_body_doc(ChatCompletionRequest),
+    openapi_extra=body_doc(ChatCompletionRequest),
 )
 async def create_chat_completion(request: Request) -> Response:
     """Create a chat completion, streamed or not (OpenAI's `chat.completions.create`)."""
@@ -80,7 +74,7 @@ async def create_chat_completion(request: Request) -> Response:
     "/completions",
     response_class=Response,
     responses=_STREAM_DOC,
-    openapi_extra=_body_doc(CompletionRequest),
+    openapi_extra=body_doc(CompletionRequest),
 )
 async def create_completion(request: Request) -> Response:
     """Create a legacy text completion, streamed or not (OpenAI's `completions.create`)."""

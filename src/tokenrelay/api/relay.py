@@ -18,7 +18,7 @@ from tokenrelay.providers.registry import ProviderRegistry
 
 M = TypeVar("M", bound=BaseModel)
 
-__all__ = ["relay", "read_body", "registry_of", "settings_of"]
+__all__ = ["body_doc", "read_body", "registry_of", "relay", "settings_of"]
 
 
 def registry_of(request: Request) -> ProviderRegistry:
@@ -60,3 +60,13 @@ async def read_body(request: Request, model: type[M]) -> tuple[M, dict[str, Any]
     except ValidationError as exc:
         raise validation_message(exc.errors()) from None
     return parsed, body, raw
+
+
+def body_doc(model: type[BaseModel], *, required: bool = True) -> dict[str, Any]:
+    """``openapi_extra`` documenting a body that the route validates itself (``read_body``).
+
+    The schema itself is added to the spec's components by ``tokenrelay.app``.
+    """
+    ref = {"$ref": f"#/components/schemas/{model.__name__}"}
+    content = {"application/json": {"schema": ref}}
+    return {"requestBody": {"required": required, "content": content}}
