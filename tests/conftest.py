@@ -7,6 +7,7 @@ health check with the server's log attached rather than as a hung test.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -18,6 +19,7 @@ from collections.abc import AsyncIterator, Generator, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -33,7 +35,9 @@ __all__ = [
     "closed_port_url",
     "data_events",
     "fake_provider_toml",
+    "relay_to",
     "start_tokenrelay",
+    "stream_chunks",
 ]
 
 _REPO = Path(__file__).resolve().parent.parent
@@ -194,6 +198,26 @@ NO_LOCAL_MODEL = {"TOKENRELAY_LOCAL__ENABLED": "false"}
 """Keeps the embedded model from loading in servers that only relay."""
 
 
+@contextmanager
+def relay_to(
+    fake: FakeUpstream,
+    tmp_path: Path,
+    *,
+    extra: dict[str, str | float] | None = None,
+    env: dict[str, str] | None = None,
+) -> Iterator[Relay]:
+    """Run a tokenrelay that only relays, to ``fake`` as provider ``fake``, until the block ends.
+
+    ``extra`` adds fields to the provider's table (such as timeouts); ``env`` adds settings.
+    """
+    with start_tokenrelay(
+        tmp_path,
+        config_toml=fake_provider_toml(fake.base_url, extra=extra),
+        env={**NO_LOCAL_MODEL, **(env or {})},
+    ) as relay:
+        yield relay
+
+
 def closed_port_url() -> str:
     """A base URL where nothing listens, for an unreachable upstream."""
     return f"http://127.0.0.1:{_free_port()}/v1"
@@ -210,6 +234,15 @@ def data_events(raw: bytes | str) -> list[str]:
         if lines:
             events.append("\n".join(lines))
     return events
+
+
+def stream_chunks(response: httpx.Response) -> list[dict[str, Any]]:
+    """The JSON chunks of a whole EventStream answer: a 200 whose last event is ``[DONE]``."""
+    assert response.status_code == 200, response.read()
+    assert response.headers["content-type"].startswith("text/event-stream")
+    events = data_events(response.read())
+    assert events[-1] == "[DONE]"
+    return [json.loads(event) for event in events[:-1]]
 
 
 # What an error message must never show: the upstream's key, or signs of an internal exception.
@@ -295,7 +328,7 @@ def fake_upstream() -> Iterator[FakeUpstream]:
 
 @pytest.fixture(autouse=True)
 def _fresh_fake_upstream(request: pytest.FixtureRequest) -> None:
-    """Each test that uses the shared fake starts with no recorded requests."""
+    """Each test that uses the shared fake starts with no recorded requests and no defaults."""
     if "fake_upstream" in request.fixturenames:
         request.getfixturevalue("fake_upstream").reset()
 
@@ -303,11 +336,7 @@ def _fresh_fake_upstream(request: pytest.FixtureRequest) -> None:
 @pytest.fixture(scope="session")
 def relay(fake_upstream: FakeUpstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Relay]:
     """One tokenrelay for the whole session, relaying to the fake upstream as provider `fake`."""
-    with start_tokenrelay(
-        tmp_path_factory.mktemp("relay"),
-        config_toml=fake_provider_toml(fake_upstream.base_url),
-        env=NO_LOCAL_MODEL,
-    ) as running:
+    with relay_to(fake_upstream, tmp_path_factory.mktemp("relay")) as running:
         yield running
 
 

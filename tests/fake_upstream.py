@@ -6,6 +6,8 @@ request chooses the fake's behaviour with an extra body field, ``"fake": {...}``
 send through the openai SDK's ``extra_body`` and which tokenrelay forwards like any other field:
 
 ``tokens``       content chunks to stream (default 5); token ``i`` is ``"word{i} "``
+``text``         stream this text instead, a word with its trailing whitespace per content chunk,
+                 so the chunks join back into ``text``; the number of words replaces ``tokens``
 ``delay``        seconds between chunks (default 0)
 ``first_delay``  seconds between the response headers and the first chunk (or, unstreamed, the body)
 ``headers_delay`` seconds before the response headers are sent at all
@@ -17,9 +19,9 @@ send through the openai SDK's ``extra_body`` and which tokenrelay forwards like 
 ``finish_reason`` replaces the natural finish reason
 
 A test that cannot put ``fake`` into the body, because tokenrelay builds the upstream request itself
-(the conversation API, ``tokenrelay chat``), sets ``FakeUpstream.defaults`` instead: those options
-apply to every request, under whatever the request's own ``fake`` object says. ``reset()`` empties
-them, so they never outlive the test that set them.
+(the conversation API, the chat page, ``tokenrelay chat``), sets ``FakeUpstream.defaults`` instead:
+those options apply to every request, under whatever the request's own ``fake`` object says.
+``reset()`` empties them, so they never outlive the test that set them.
 
 Every request is recorded (``FakeUpstream.requests``) with what the fake saw and, once the fake is
 done with it, its outcome: ``"completed"``, ``"abandoned"`` (the client went away first, with the
@@ -31,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import re
 import socket
 import threading
 import time
@@ -61,6 +64,9 @@ TOOL_NAME = "get_weather"
 TOOL_ARGUMENTS = '{"location": "Paris, France", "unit": "celsius"}'
 _TOOL_ARGUMENT_PIECE = 8
 """Characters of arguments per chunk; small, so a tool call takes several chunks as OpenAI's do."""
+_WORDS = re.compile(r"\S+\s*|\s+")
+"""The pieces ``text`` is streamed in: each word with the whitespace after it (and any leading
+whitespace on its own), so that they join back into the text exactly."""
 
 Outcome = Literal["completed", "abandoned", "failed"]
 
@@ -133,6 +139,7 @@ class _BadRequest(Exception):
 @dataclass(frozen=True)
 class _Behaviour:
     tokens: int = 5
+    text: str | None = None
     delay: float = 0.0
     first_delay: float = 0.0
     headers_delay: float = 0.0
@@ -153,8 +160,11 @@ class _Behaviour:
         if not isinstance(options, dict):
             raise _BadRequest("`fake` must be an object")
         options = {**(defaults or {}), **options}
+        tokens = _number(options, "tokens", int, 5, minimum=0)
+        text = _optional_str(options, "text")
         return cls(
-            tokens=_number(options, "tokens", int, 5, minimum=0),
+            tokens=tokens if text is None else len(_WORDS.findall(text)),
+            text=text,
             delay=_number(options, "delay", float, 0.0, minimum=0),
             first_delay=_number(options, "first_delay", float, 0.0, minimum=0),
             headers_delay=_number(options, "headers_delay", float, 0.0, minimum=0),
@@ -165,6 +175,13 @@ class _Behaviour:
             tool_calls=_flag(options, "tool_calls"),
             finish_reason=_optional_str(options, "finish_reason"),
         )
+
+    @property
+    def pieces(self) -> list[str]:
+        """What the content chunks carry: ``text`` a word at a time, else ``"word{i} "``."""
+        if self.text is not None:
+            return _WORDS.findall(self.text)
+        return [f"word{i} " for i in range(self.tokens)]
 
 
 def _number(
@@ -355,6 +372,10 @@ class FakeUpstream:
         """Block until the fake has finished with ``record``; see ``RecordedRequest``."""
         return record.wait_for_outcome(timeout)
 
+    def chat_requests(self) -> list[RecordedRequest]:
+        """The chat completions received since the last ``reset()`` (model lists aside)."""
+        return [r for r in list(self.requests) if r.path.endswith("/chat/completions")]
+
     def _record(self, record: RecordedRequest) -> None:
         with self._changed:
             self.requests.append(record)
@@ -468,7 +489,7 @@ class FakeUpstream:
                 "model": model,
                 "choices": [
                     {
-                        "text": expected_text(behaviour.tokens),
+                        "text": "".join(behaviour.pieces),
                         "index": 0,
                         "logprobs": None,
                         "finish_reason": behaviour.finish_reason or "stop",
@@ -476,7 +497,7 @@ class FakeUpstream:
                 ],
                 "usage": usage,
             }
-        message: dict[str, Any] = {"role": "assistant", "content": expected_text(behaviour.tokens)}
+        message: dict[str, Any] = {"role": "assistant", "content": "".join(behaviour.pieces)}
         finish = "stop"
         if behaviour.tool_calls:
             finish = "tool_calls"
@@ -514,8 +535,8 @@ class FakeUpstream:
         """Each chunk's delta, flagged when it carries content (what ``fail_after`` counts)."""
         if not behaviour.tool_calls:
             yield {"role": "assistant", "content": "", "refusal": None}, False
-            for i in range(behaviour.tokens):
-                yield {"content": f"word{i} "}, True
+            for piece in behaviour.pieces:
+                yield {"content": piece}, True
             return
         # OpenAI's shape: the call's id, type and name first with empty arguments, then the
         # arguments' JSON in pieces that only parse once joined.
@@ -570,7 +591,7 @@ class FakeUpstream:
             return payload
 
         if chat:
-            pieces = (
+            events = (
                 (
                     chunk({"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}),
                     content,
@@ -578,18 +599,16 @@ class FakeUpstream:
                 for delta, content in self._chat_deltas(body, behaviour, number)
             )
         else:
-            pieces = (
+            events = (
                 (
-                    chunk(
-                        {"text": f"word{i} ", "index": 0, "logprobs": None, "finish_reason": None}
-                    ),
+                    chunk({"text": piece, "index": 0, "logprobs": None, "finish_reason": None}),
                     True,
                 )
-                for i in range(behaviour.tokens)
+                for piece in behaviour.pieces
             )
         sent = 0
         first = True
-        for payload, content in pieces:
+        for payload, content in events:
             if behaviour.fail_after is not None and content and sent >= behaviour.fail_after:
                 return self._abort(request, record)
             if behaviour.delay and not first:

@@ -26,9 +26,9 @@ from conftest import (
     _clean_env,
     _free_port,
     fake_provider_toml,
-    start_tokenrelay,
+    relay_to,
 )
-from fake_upstream import FakeUpstream, RecordedRequest, expected_text
+from fake_upstream import FakeUpstream, expected_text
 
 _COMMAND_DEADLINE = 60.0
 """Seconds any one command may take; they take about one."""
@@ -84,10 +84,6 @@ def _failed_cleanly(result: subprocess.CompletedProcess[str]) -> str:
     return result.stderr
 
 
-def _chat_requests(fake: FakeUpstream) -> list[RecordedRequest]:
-    return [r for r in list(fake.requests) if r.path.endswith("/chat/completions")]
-
-
 # -- --help --------------------------------------------------------------------------------------
 
 
@@ -123,7 +119,7 @@ def test_ask_url_prints_the_streamed_answer(
     )
 
     assert _succeeded(result) == expected_text(5) + "\n"
-    [request] = _chat_requests(fake_upstream)
+    [request] = fake_upstream.chat_requests()
     assert request.json["messages"] == [{"role": "user", "content": "What is Hyperf?"}]
     assert request.json["model"] == "fake-model"  # the first one /v1/models lists
     assert request.json["stream"] is True
@@ -137,7 +133,7 @@ def test_ask_url_from_the_environment_with_a_model(
     result = _tokenrelay("ask", "-m", "fake-other", "Hyperf 是什么?", env=env, cwd=tmp_path)
 
     assert _succeeded(result) == expected_text(5) + "\n"
-    [request] = _chat_requests(fake_upstream)
+    [request] = fake_upstream.chat_requests()
     assert request.json["model"] == "fake-other"
     assert request.json["messages"][0]["content"] == "Hyperf 是什么?"
 
@@ -166,7 +162,7 @@ def test_ask_in_process_uses_the_toml_config(fake_upstream: FakeUpstream, tmp_pa
     )
 
     assert _succeeded(result) == expected_text(5) + "\n"
-    [request] = _chat_requests(fake_upstream)
+    [request] = fake_upstream.chat_requests()
     assert request.json["messages"] == [{"role": "user", "content": "Where is Paris?"}]
     assert request.json["model"] == "fake-model"
 
@@ -179,7 +175,7 @@ def test_ask_in_process_with_an_unknown_model_fails_cleanly(
     )
 
     assert "no-such-model" in _failed_cleanly(result)
-    assert _chat_requests(fake_upstream) == []
+    assert fake_upstream.chat_requests() == []
 
 
 def test_ask_in_process_reports_an_upstream_error(
@@ -212,7 +208,7 @@ def test_chat_saves_the_conversation_and_history_shows_it(
     output = _succeeded(chatted)
     assert output.count(expected_text(5)) == 2, output
     [conversation_id] = set(_CONVERSATION_ID.findall(output))
-    first, second = _chat_requests(fake_upstream)
+    first, second = fake_upstream.chat_requests()
     assert first.json["messages"] == [
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": "first question"},
@@ -255,7 +251,7 @@ def test_chat_continues_a_saved_conversation(fake_upstream: FakeUpstream, tmp_pa
     output = _succeeded(again)
     assert "remember 42" in output  # the earlier turns are shown first
     assert expected_text(2) in output
-    assert _chat_requests(fake_upstream)[-1].json["messages"] == [
+    assert fake_upstream.chat_requests()[-1].json["messages"] == [
         {"role": "user", "content": "remember 42"},
         {"role": "assistant", "content": expected_text(5)},
         {"role": "user", "content": "what was it?"},
@@ -336,7 +332,7 @@ def test_ctrl_c_stops_the_reply_and_keeps_the_chat_going(
     chat_process.stdin.close()  # Ctrl-D
     assert chat_process.wait(_COMMAND_DEADLINE) == 0, output.text
 
-    [record] = _chat_requests(fake_upstream)
+    [record] = fake_upstream.chat_requests()
     assert record.wait_for_outcome(5) == "abandoned"
     [conversation_id] = set(_CONVERSATION_ID.findall(output.text))
     shown = _succeeded(_tokenrelay("history", conversation_id, env=_env(tmp_path), cwd=tmp_path))
@@ -385,9 +381,7 @@ def test_chat_continuing_an_unknown_conversation_fails_cleanly(
 
 
 def test_history_reads_what_the_server_saved(fake_upstream: FakeUpstream, tmp_path: Path) -> None:
-    with start_tokenrelay(
-        tmp_path, config_toml=fake_provider_toml(fake_upstream.base_url), env=NO_LOCAL_MODEL
-    ) as relay:
+    with relay_to(fake_upstream, tmp_path) as relay:
         created = httpx.post(f"{relay.url}/api/conversations", json={"title": "From the web"})
         conversation_id = created.json()["id"]
         with httpx.stream(
@@ -397,7 +391,7 @@ def test_history_reads_what_the_server_saved(fake_upstream: FakeUpstream, tmp_pa
         ) as response:
             response.read()
 
-        # start_tokenrelay keeps its database at tmp_path / "tokenrelay.db", as _env does.
+        # The server keeps its database at tmp_path / "tokenrelay.db", as _env does.
         listed = _succeeded(_tokenrelay("history", env=_env(tmp_path), cwd=tmp_path))
         shown = _succeeded(
             _tokenrelay("history", conversation_id, env=_env(tmp_path), cwd=tmp_path)

@@ -187,3 +187,76 @@ def test_defaults_apply_under_the_requests_own_options(fake_upstream: FakeUpstre
     assert overridden["choices"][0]["finish_reason"] == "length"
     fake_upstream.reset()
     assert fake_upstream.defaults == {}
+
+
+# Leading whitespace, runs of spaces and newlines: the pieces must join back to the text exactly.
+TEXT = "  Hello,  world!\n\n| a | b |\n```\ncode\n```"
+TEXT_PIECES = [
+    "  ",
+    "Hello,  ",
+    "world!\n\n",
+    "| ",
+    "a ",
+    "| ",
+    "b ",
+    "|\n",
+    "```\n",
+    "code\n",
+    "```",
+]
+
+
+def _request(chat: bool, fake: dict[str, Any], **fields: Any) -> tuple[str, dict[str, Any]]:
+    """A chat or a legacy completion request with a three-word prompt: its path and body."""
+    if chat:
+        return "chat/completions", _chat(fake, **fields)
+    body = {"model": "fake-model", "prompt": "say three words", "fake": fake, **fields}
+    return "completions", body
+
+
+@pytest.mark.parametrize("chat", [True, False], ids=["chat", "legacy"])
+def test_text_streams_a_word_per_chunk(fake_upstream: FakeUpstream, chat: bool) -> None:
+    path, body = _request(chat, {"text": TEXT}, stream=True, stream_options={"include_usage": True})
+    response = httpx.post(f"{fake_upstream.base_url}/{path}", json=body)
+
+    events = _events(response.text)
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(event) for event in events[:-1]]
+    choices = [chunk["choices"][0] for chunk in chunks if chunk["choices"]]
+    content = [choice["delta"].get("content") if chat else choice["text"] for choice in choices]
+    assert [piece for piece in content if piece] == TEXT_PIECES
+    assert "".join(TEXT_PIECES) == TEXT
+    assert choices[-1]["finish_reason"] == "stop"
+    assert chunks[-1]["usage"] == {"prompt_tokens": 3, "completion_tokens": 11, "total_tokens": 14}
+
+
+@pytest.mark.parametrize("chat", [True, False], ids=["chat", "legacy"])
+def test_text_is_the_whole_unstreamed_answer(fake_upstream: FakeUpstream, chat: bool) -> None:
+    path, body = _request(chat, {"text": TEXT})
+    answer = httpx.post(f"{fake_upstream.base_url}/{path}", json=body).json()
+
+    choice = answer["choices"][0]
+    assert (choice["message"]["content"] if chat else choice["text"]) == TEXT
+    assert answer["usage"] == {"prompt_tokens": 3, "completion_tokens": 11, "total_tokens": 14}
+
+
+def test_text_set_in_defaults_replaces_tokens(fake_upstream: FakeUpstream) -> None:
+    fake_upstream.defaults = {"text": "one two three four", "tokens": 40}
+    url = f"{fake_upstream.base_url}/chat/completions"
+
+    answer = httpx.post(url, json={"model": "fake-model", "messages": []}).json()
+    assert answer["choices"][0]["message"]["content"] == "one two three four"
+    assert answer["usage"]["completion_tokens"] == 4
+
+    # fail_after counts the text's words like any other content chunks.
+    received: list[bytes] = []
+    with (
+        pytest.raises(httpx.RemoteProtocolError),
+        httpx.stream("POST", url, json=_chat({"fail_after": 2}, stream=True)) as response,
+    ):
+        for piece in response.iter_raw():
+            received.append(piece)
+    raw = b"".join(received).decode()
+    assert '"content":"two "' in raw
+    assert "three" not in raw
+    assert fake_upstream.last_request().wait_for_outcome(5) == "failed"

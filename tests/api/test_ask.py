@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import json
-
 import httpx
 
-from conftest import Relay, assert_openai_error, data_events
+from conftest import Relay, assert_openai_error, stream_chunks
 from fake_upstream import FakeUpstream, expected_text
 
 
@@ -41,13 +39,8 @@ def test_ask_stream_is_an_event_stream_of_openai_chunks(
     with httpx.stream(
         "GET", f"{relay.url}/api/ask/stream", params={"prompt": prompt, "model": "fake-model"}
     ) as response:
-        assert response.status_code == 200
-        assert response.headers["content-type"].startswith("text/event-stream")
-        body = response.read()
+        chunks = stream_chunks(response)
 
-    events = data_events(body)
-    assert events[-1] == "[DONE]"
-    chunks = [json.loads(event) for event in events[:-1]]
     assert {chunk["object"] for chunk in chunks} == {"chat.completion.chunk"}
     text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
     assert text == expected_text(5)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import AbstractContextManager, contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,15 +21,8 @@ import pytest
 from openai._streaming import ServerSentEvent, SSEDecoder
 from openai.types.chat import ChatCompletionChunk
 
-from conftest import (
-    NO_LOCAL_MODEL,
-    Relay,
-    assert_no_leak,
-    assert_openai_error,
-    fake_provider_toml,
-    start_tokenrelay,
-)
-from fake_upstream import FakeUpstream, RecordedRequest, expected_text
+from conftest import Relay, assert_no_leak, assert_openai_error, relay_to
+from fake_upstream import FakeUpstream, expected_text
 
 FLUSH_LAG_LIMIT = 2.0
 """Seconds a streamed piece of text may take to reach the database (promised: ~1 s behind)."""
@@ -52,24 +45,30 @@ def api(relay: Relay) -> Iterator[httpx.Client]:
 
 
 @contextmanager
-def _own_relay(tmp_path: Path, fake: FakeUpstream, **provider: str | float) -> Iterator[Relay]:
-    """A tokenrelay with its own database file in ``tmp_path``, relaying to ``fake``."""
-    with start_tokenrelay(
-        tmp_path,
-        config_toml=fake_provider_toml(fake.base_url, extra=provider),
-        env=NO_LOCAL_MODEL,
-    ) as relay:
-        yield relay
+def _own_api(
+    fake: FakeUpstream, tmp_path: Path, **provider: str | float
+) -> Iterator[tuple[Relay, httpx.Client]]:
+    """A tokenrelay with its own database file in ``tmp_path``, and a client of it."""
+    with (
+        relay_to(fake, tmp_path, extra=provider) as relay,
+        httpx.Client(base_url=relay.url, timeout=30.0) as client,
+    ):
+        yield relay, client
 
 
 @pytest.fixture
 def own_api(fake_upstream: FakeUpstream, tmp_path: Path) -> Iterator[httpx.Client]:
     """A client of a tokenrelay whose database only this test writes to."""
-    with (
-        _own_relay(tmp_path, fake_upstream) as relay,
-        httpx.Client(base_url=relay.url, timeout=30.0) as client,
-    ):
+    with _own_api(fake_upstream, tmp_path) as (_, client):
         yield client
+
+
+def _create(api: httpx.Client, **fields: Any) -> str:
+    """Create a conversation; return its id."""
+    response = api.post("/api/conversations", json=fields)
+    assert response.status_code == 201, response.text
+    conversation_id: str = response.json()["id"]
+    return conversation_id
 
 
 @pytest.fixture
@@ -78,11 +77,8 @@ def new_conversation(api: httpx.Client) -> Iterator[Callable[..., str]]:
     created: list[str] = []
 
     def create(**fields: Any) -> str:
-        response = api.post("/api/conversations", json=fields)
-        assert response.status_code == 201, response.text
-        conversation_id: str = response.json()["id"]
-        created.append(conversation_id)
-        return conversation_id
+        created.append(_create(api, **fields))
+        return created[-1]
 
     yield create
     for conversation_id in created:
@@ -155,23 +151,57 @@ def _read_turn(response: httpx.Response) -> Turn:
     return live
 
 
-def _send(api: httpx.Client, conversation_id: str, content: str, **fields: Any) -> Turn:
-    """Send a message and read the whole answer."""
+@contextmanager
+def _answering(
+    api: httpx.Client, conversation_id: str, content: str, **fields: Any
+) -> Iterator[LiveTurn]:
+    """Send a message and hold its stream open, unread past the ``message`` event."""
     with api.stream(
         "POST",
         f"/api/conversations/{conversation_id}/messages",
         json={"content": content, **fields},
     ) as response:
+        yield LiveTurn(response)
+
+
+def _send(api: httpx.Client, conversation_id: str, content: str, **fields: Any) -> Turn:
+    """Send a message and read the whole answer."""
+    with _answering(api, conversation_id, content, **fields) as turn:
+        turn.read_to_end()
+        return turn
+
+
+def _regenerate(api: httpx.Client, conversation_id: str, **fields: Any) -> Turn:
+    """Answer the last question again and read the whole new answer."""
+    with api.stream(
+        "POST", f"/api/conversations/{conversation_id}/regenerate", json=fields or None
+    ) as response:
         return _read_turn(response)
 
 
-@contextmanager
-def _answering(api: httpx.Client, conversation_id: str, content: str) -> Iterator[LiveTurn]:
-    """Send a message and hold its stream open, unread past the ``message`` event."""
-    with api.stream(
-        "POST", f"/api/conversations/{conversation_id}/messages", json={"content": content}
-    ) as response:
-        yield LiveTurn(response)
+LongAnswer = Callable[[str], AbstractContextManager[tuple[str, LiveTurn]]]
+
+
+@pytest.fixture
+def long_answer(
+    api: httpx.Client, fake_upstream: FakeUpstream, new_conversation: Callable[..., str]
+) -> LongAnswer:
+    """Ask ``question`` in a new conversation and get a SLOW answer, held open while it runs.
+
+    ``with long_answer(question) as (conversation_id, turn)`` enters once the answer has some
+    text and, on leaving, reads the stream to its end: the block must stop (or delete) it.
+    """
+
+    @contextmanager
+    def ask(question: str) -> Iterator[tuple[str, LiveTurn]]:
+        fake_upstream.defaults = dict(SLOW)
+        conversation_id = new_conversation(model="fake-model")
+        with _answering(api, conversation_id, question) as turn:
+            turn.read_until_text()
+            yield conversation_id, turn
+            turn.read_to_end()
+
+    return ask
 
 
 def _get(api: httpx.Client, conversation_id: str) -> dict[str, Any]:
@@ -204,11 +234,6 @@ def _poll_message(
         if time.monotonic() > deadline:
             pytest.fail(f"message never reached the expected state within {timeout} s: {message}")
         time.sleep(0.05)  # the pause between polls, not a synchronisation
-
-
-def _chat_requests(fake: FakeUpstream) -> list[RecordedRequest]:
-    """The chat completions tokenrelay sent upstream since the test began (model lists aside)."""
-    return [r for r in list(fake.requests) if r.path.endswith("/chat/completions")]
 
 
 def _is_partial_answer(text: str, whole: str) -> bool:
@@ -336,18 +361,13 @@ def test_delete_is_204_then_404(api: httpx.Client, new_conversation: Callable[..
 
 
 def test_delete_while_answering_stops_the_upstream_request(
-    api: httpx.Client, fake_upstream: FakeUpstream, new_conversation: Callable[..., str]
+    api: httpx.Client, fake_upstream: FakeUpstream, long_answer: LongAnswer
 ) -> None:
-    fake_upstream.defaults = dict(SLOW)
-    conversation_id = new_conversation(model="fake-model")
-
-    with _answering(api, conversation_id, "long answer please") as turn:
-        turn.read_until_text()
+    with long_answer("long answer please") as (conversation_id, _):
         response = api.delete(f"/api/conversations/{conversation_id}")
         assert response.status_code == 204
-        turn.read_to_end()
 
-    [record] = _chat_requests(fake_upstream)
+    [record] = fake_upstream.chat_requests()
     assert record.wait_for_outcome(5) == "abandoned"
     assert api.get(f"/api/conversations/{conversation_id}").status_code == 404
 
@@ -356,12 +376,7 @@ def test_delete_while_answering_stops_the_upstream_request(
 
 
 def test_list_is_newest_activity_first_and_pages_with_cursors(own_api: httpx.Client) -> None:
-    ids = []
-    for name in "abcde":
-        response = own_api.post("/api/conversations", json={"title": name, "model": "fake-model"})
-        assert response.status_code == 201, response.text
-        ids.append(response.json()["id"])
-    a, b, c, d, e = ids
+    a, b, c, d, e = [_create(own_api, title=name, model="fake-model") for name in "abcde"]
     _send(own_api, b, "b is active again")  # activity moves b to the top
     renamed = own_api.patch(f"/api/conversations/{c}", json={"title": "c2"})  # no activity
     assert renamed.status_code == 200
@@ -467,7 +482,7 @@ def test_model_sees_the_system_prompt_then_the_whole_history_in_order(
     turn = _send(api, conversation_id, "third question")
 
     assert turn.text == expected_text(5)
-    sent = _chat_requests(fake_upstream)[-1].json
+    sent = fake_upstream.chat_requests()[-1].json
     assert sent["model"] == "fake-model"
     assert sent["stream"] is True
     assert sent["messages"] == [
@@ -488,7 +503,7 @@ def test_conversation_without_a_model_uses_the_first_listed(
     turn = _send(api, conversation_id, "anyone there?")
 
     assert turn.text == expected_text(5)
-    assert _chat_requests(fake_upstream)[-1].json["model"] == "fake-model"
+    assert fake_upstream.chat_requests()[-1].json["model"] == "fake-model"
     assert _get(api, conversation_id)["messages"][1]["model"] == "fake-model"
 
 
@@ -499,7 +514,7 @@ def test_message_model_overrides_the_conversations(
 
     turn = _send(api, conversation_id, "ask the other one", model="fake-other")
 
-    assert _chat_requests(fake_upstream)[-1].json["model"] == "fake-other"
+    assert fake_upstream.chat_requests()[-1].json["model"] == "fake-other"
     assert _message(_get(api, conversation_id), turn.assistant_message["id"])["model"] == (
         "fake-other"
     )
@@ -517,7 +532,7 @@ def test_message_for_an_unknown_model_is_404_and_stores_nothing(
 
     assert_openai_error(response, 404, code="model_not_found")
     assert _get(api, conversation_id)["messages"] == []
-    assert _chat_requests(fake_upstream) == []
+    assert fake_upstream.chat_requests() == []
 
 
 @pytest.mark.parametrize(
@@ -540,13 +555,8 @@ def test_history_is_trimmed_to_the_context_window_oldest_first(
 ) -> None:
     # Each question is ~1200 characters, at least ~300 tokens: six overflow 2000 tokens.
     questions = [f"question {i}: " + "lorem ipsum dolor " * 66 for i in range(6)]
-    with (
-        _own_relay(tmp_path, fake_upstream, context_window=CONTEXT_WINDOW) as relay,
-        httpx.Client(base_url=relay.url, timeout=30.0) as client,
-    ):
-        conversation_id = client.post(
-            "/api/conversations", json={"model": "fake-model", "system": "Be brief."}
-        ).json()["id"]
+    with _own_api(fake_upstream, tmp_path, context_window=CONTEXT_WINDOW) as (_, client):
+        conversation_id = _create(client, model="fake-model", system="Be brief.")
         for question in questions:
             _send(client, conversation_id, question)
 
@@ -555,7 +565,7 @@ def test_history_is_trimmed_to_the_context_window_oldest_first(
             {"role": m["role"], "content": m["content"]}
             for m in _get(client, conversation_id)["messages"][:-1]
         ]
-        sent = _chat_requests(fake_upstream)[-1].json["messages"]
+        sent = fake_upstream.chat_requests()[-1].json["messages"]
         assert sent[0] == {"role": "system", "content": "Be brief."}
         assert sent[-1] == {"role": "user", "content": questions[-1]}
         kept = sent[1:]
@@ -567,7 +577,7 @@ def test_history_is_trimmed_to_the_context_window_oldest_first(
         huge = "tell me everything about " + "this " * 3000
         turn = _send(client, conversation_id, huge)
         assert turn.text == expected_text(5)
-        assert _chat_requests(fake_upstream)[-1].json["messages"] == [
+        assert fake_upstream.chat_requests()[-1].json["messages"] == [
             {"role": "system", "content": "Be brief."},
             {"role": "user", "content": huge},
         ]
@@ -615,15 +625,10 @@ def test_upstream_cut_mid_answer_keeps_the_partial_text_as_an_error(
     assert assistant["error"]
 
 
-def test_answer_is_stored_as_it_grows(
-    api: httpx.Client, fake_upstream: FakeUpstream, new_conversation: Callable[..., str]
-) -> None:
-    fake_upstream.defaults = dict(SLOW)
+def test_answer_is_stored_as_it_grows(api: httpx.Client, long_answer: LongAnswer) -> None:
     whole = expected_text(SLOW_TOKENS)
-    conversation_id = new_conversation(model="fake-model")
 
-    with _answering(api, conversation_id, "take your time") as turn:
-        turn.read_until_text()
+    with long_answer("take your time") as (conversation_id, turn):
         first_text_at = time.monotonic()
         assistant_id = turn.assistant_message["id"]
 
@@ -641,7 +646,6 @@ def test_answer_is_stored_as_it_grows(
         assert _is_partial_answer(grown["content"], whole), grown["content"]
 
         assert api.post(f"/api/conversations/{conversation_id}/stop").json() == {"stopped": True}
-        turn.read_to_end()
 
 
 def test_client_leaving_does_not_lose_the_answer(
@@ -661,25 +665,20 @@ def test_client_leaving_does_not_lose_the_answer(
     assert assistant["status"] == "complete"
     assert assistant["content"] == expected_text(40)
     assert assistant["completion_tokens"] == 40
-    [record] = _chat_requests(fake_upstream)
+    [record] = fake_upstream.chat_requests()
     assert record.wait_for_outcome(5) == "completed"
 
 
 def test_stop_keeps_the_partial_text_and_closes_the_upstream_request(
-    api: httpx.Client, fake_upstream: FakeUpstream, new_conversation: Callable[..., str]
+    api: httpx.Client, fake_upstream: FakeUpstream, long_answer: LongAnswer
 ) -> None:
-    fake_upstream.defaults = dict(SLOW)
-    conversation_id = new_conversation(model="fake-model")
-
-    with _answering(api, conversation_id, "a long story please") as turn:
-        turn.read_until_text()
+    with long_answer("a long story please") as (conversation_id, turn):
         response = api.post(f"/api/conversations/{conversation_id}/stop")
         assert response.status_code == 200, response.text
         assert response.json() == {"stopped": True}
-        turn.read_to_end()
 
     assert turn.done
-    [record] = _chat_requests(fake_upstream)
+    [record] = fake_upstream.chat_requests()
     assert record.wait_for_outcome(5) == "abandoned"
     conversation = _get(api, conversation_id)
     assert conversation["answering"] is False
@@ -705,13 +704,9 @@ def test_stop_with_nothing_running_says_so(
 
 
 def test_sending_while_answering_is_400_conversation_busy(
-    api: httpx.Client, fake_upstream: FakeUpstream, new_conversation: Callable[..., str]
+    api: httpx.Client, fake_upstream: FakeUpstream, long_answer: LongAnswer
 ) -> None:
-    fake_upstream.defaults = dict(SLOW)
-    conversation_id = new_conversation(model="fake-model")
-
-    with _answering(api, conversation_id, "first") as turn:
-        turn.read_until_text()
+    with long_answer("first") as (conversation_id, _):
         response = api.post(
             f"/api/conversations/{conversation_id}/messages", json={"content": "second"}
         )
@@ -719,11 +714,10 @@ def test_sending_while_answering_is_400_conversation_busy(
         regenerate = api.post(f"/api/conversations/{conversation_id}/regenerate")
         assert_openai_error(regenerate, 400, code="conversation_busy")
         api.post(f"/api/conversations/{conversation_id}/stop")
-        turn.read_to_end()
 
     contents = [m["content"] for m in _get(api, conversation_id)["messages"]]
     assert "second" not in contents
-    assert len(_chat_requests(fake_upstream)) == 1
+    assert len(fake_upstream.chat_requests()) == 1
 
 
 def test_two_messages_sent_at_once_start_one_answer(
@@ -755,7 +749,7 @@ def test_two_messages_sent_at_once_start_one_answer(
     assert sorted(statuses) == [200, 400]
     users = [m for m in _get(api, conversation_id)["messages"] if m["role"] == "user"]
     assert len(users) == 1
-    assert len(_chat_requests(fake_upstream)) == 1
+    assert len(fake_upstream.chat_requests()) == 1
 
 
 # -- regenerate ----------------------------------------------------------------------------------
@@ -768,8 +762,7 @@ def test_regenerate_replaces_the_last_answer(
     first = _send(api, conversation_id, "what is 2 + 2?")
     fake_upstream.defaults = {"tokens": 3}
 
-    with api.stream("POST", f"/api/conversations/{conversation_id}/regenerate") as response:
-        again = _read_turn(response)
+    again = _regenerate(api, conversation_id)
 
     assert again.user_message is None
     assert again.assistant_message["id"] != first.assistant_message["id"]
@@ -781,7 +774,7 @@ def test_regenerate_replaces_the_last_answer(
     assert assistant["id"] == again.assistant_message["id"]
     assert (assistant["content"], assistant["status"]) == (expected_text(3), "complete")
     # The model is asked the question again, without the answer being replaced.
-    assert _chat_requests(fake_upstream)[-1].json["messages"] == [
+    assert fake_upstream.chat_requests()[-1].json["messages"] == [
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": "what is 2 + 2?"},
     ]
@@ -793,12 +786,9 @@ def test_regenerate_with_a_model_uses_it(
     conversation_id = new_conversation(model="fake-model")
     _send(api, conversation_id, "hello")
 
-    with api.stream(
-        "POST", f"/api/conversations/{conversation_id}/regenerate", json={"model": "fake-other"}
-    ) as response:
-        again = _read_turn(response)
+    again = _regenerate(api, conversation_id, model="fake-other")
 
-    assert _chat_requests(fake_upstream)[-1].json["model"] == "fake-other"
+    assert fake_upstream.chat_requests()[-1].json["model"] == "fake-other"
     assistant = _message(_get(api, conversation_id), again.assistant_message["id"])
     assert assistant["model"] == "fake-other"
 
@@ -821,10 +811,7 @@ def test_many_answers_at_once_all_finish_and_are_saved_whole(
 ) -> None:
     # Each answer lasts about one flush interval (1 s), a little longer or shorter each round,
     # so answers end while their own and the others' periodic saves are being written.
-    conversations = [
-        own_api.post("/api/conversations", json={"model": "fake-model"}).json()["id"]
-        for _ in range(30)
-    ]
+    conversations = [_create(own_api, model="fake-model") for _ in range(30)]
 
     def send(conversation_id: str, question: str, finished: list[str]) -> None:
         # A stuck answer's connection is cut when the server stops, after the assertion below
@@ -871,13 +858,8 @@ def test_answer_cut_by_sigkill_is_kept_as_interrupted(
     fake_upstream: FakeUpstream, tmp_path: Path
 ) -> None:
     fake_upstream.defaults = dict(SLOW)
-    with (
-        _own_relay(tmp_path, fake_upstream) as relay,
-        httpx.Client(base_url=relay.url, timeout=30.0) as client,
-    ):
-        conversation_id = client.post("/api/conversations", json={"model": "fake-model"}).json()[
-            "id"
-        ]
+    with _own_api(fake_upstream, tmp_path) as (relay, client):
+        conversation_id = _create(client, model="fake-model")
         with _answering(client, conversation_id, "write until you crash") as turn:
             assistant_id = turn.assistant_message["id"]
             stored = _poll_message(
@@ -885,14 +867,11 @@ def test_answer_cut_by_sigkill_is_kept_as_interrupted(
             )
             relay.proc.kill()
             relay.proc.wait(10)
-        [record] = _chat_requests(fake_upstream)
+        [record] = fake_upstream.chat_requests()
         assert record.wait_for_outcome(5) == "abandoned"
 
     fake_upstream.defaults = {}
-    with (
-        _own_relay(tmp_path, fake_upstream) as restarted,
-        httpx.Client(base_url=restarted.url, timeout=30.0) as client,
-    ):
+    with _own_api(fake_upstream, tmp_path) as (_, client):
         conversation = _get(client, conversation_id)
         assert conversation["answering"] is False
         user, assistant = conversation["messages"]
@@ -903,7 +882,7 @@ def test_answer_cut_by_sigkill_is_kept_as_interrupted(
         assert _is_partial_answer(assistant["content"], expected_text(SLOW_TOKENS))
         # The conversation goes on after the crash, and the cut answer is part of its history.
         assert _send(client, conversation_id, "go on").text == expected_text(5)
-        assert _chat_requests(fake_upstream)[-1].json["messages"][1] == {
+        assert fake_upstream.chat_requests()[-1].json["messages"][1] == {
             "role": "assistant",
             "content": assistant["content"],
         }

@@ -29,6 +29,7 @@ from conftest import (
     assert_openai_error,
     data_events,
     start_tokenrelay,
+    stream_chunks,
 )
 
 MODEL = "smollm2-135m-instruct"
@@ -343,12 +344,7 @@ def test_ask_stream_is_an_event_stream_ending_with_done(local_relay: Relay) -> N
         params={"prompt": "Hyperf 是什么?"},
         timeout=DEADLINE,
     ) as response:
-        assert response.status_code == 200
-        assert response.headers["content-type"].startswith("text/event-stream")
-        body = response.read()
-    events = data_events(body)
-    assert events[-1] == "[DONE]"
-    chunks = [json.loads(event) for event in events[:-1]]
+        chunks = stream_chunks(response)
     assert {chunk["model"] for chunk in chunks} == {MODEL}
     assert "".join(_content_of(chunk) for chunk in chunks).strip()
     assert chunks[-1]["usage"]["completion_tokens"] > 0
@@ -476,16 +472,26 @@ async def test_client_disconnect_frees_the_model(one_slot_relay: Relay) -> None:
 # Misconfigured models.
 
 
+def _refused_chats(relay: Relay, status: int, code: str) -> list[dict[str, object]]:
+    """Ask for a chat completion, unstreamed then streamed, and return the two errors.
+
+    Both must be refused with ``status`` and ``code``, in OpenAI's error shape.
+    """
+    errors = []
+    for stream in (False, True):
+        response = httpx.post(
+            f"{relay.v1}/chat/completions",
+            json={"model": MODEL, "messages": HAIKU, "stream": stream},
+            timeout=DEADLINE,
+        )
+        errors.append(assert_openai_error(response, status, code=code))
+    return errors
+
+
 def test_missing_model_file_is_a_503_naming_it(tmp_path: Path) -> None:
     missing = "/nonexistent/model.gguf"
     with start_tokenrelay(tmp_path, env={"TOKENRELAY_LOCAL__PATH": missing}) as relay:
-        for stream in (False, True):
-            response = httpx.post(
-                f"{relay.v1}/chat/completions",
-                json={"model": MODEL, "messages": HAIKU, "stream": stream},
-                timeout=DEADLINE,
-            )
-            error = assert_openai_error(response, 503, code="model_unavailable")
+        for error in _refused_chats(relay, 503, "model_unavailable"):
             assert missing in str(error["message"])
         response = httpx.post(
             f"{relay.v1}/completions",
@@ -526,13 +532,7 @@ def test_model_without_chat_template_answers_completions_only(
 ) -> None:
     env = {"TOKENRELAY_LOCAL__PATH": str(model_without_template)}
     with start_tokenrelay(tmp_path, env=env) as relay:
-        for stream in (False, True):
-            response = httpx.post(
-                f"{relay.v1}/chat/completions",
-                json={"model": MODEL, "messages": HAIKU, "stream": stream},
-                timeout=DEADLINE,
-            )
-            error = assert_openai_error(response, 400, code="model_has_no_chat_template")
+        for error in _refused_chats(relay, 400, "model_has_no_chat_template"):
             assert "/v1/completions" in str(error["message"])
         with openai.OpenAI(
             base_url=relay.v1, api_key="unused", max_retries=0, timeout=DEADLINE

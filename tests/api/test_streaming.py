@@ -11,8 +11,8 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
-from conftest import NO_LOCAL_MODEL, Relay, data_events, fake_provider_toml, start_tokenrelay
-from fake_upstream import FakeUpstream, expected_text
+from conftest import Relay, data_events, relay_to
+from fake_upstream import FakeUpstream, RecordedRequest, expected_text
 
 MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "stream please"}]
 
@@ -22,6 +22,13 @@ ABANDON_NOTICED_WITHIN = 0.2
 
 def _stream_body(**fake: object) -> dict[str, object]:
     return {"model": "fake-model", "messages": MESSAGES, "stream": True, "fake": fake}
+
+
+def _assert_abandoned_at_once(record: RecordedRequest, closed_at: float) -> None:
+    """The relay dropped the upstream request within moments of its client leaving."""
+    assert record.wait_for_outcome(5) == "abandoned"
+    assert record.outcome_at is not None
+    assert record.outcome_at - closed_at < ABANDON_NOTICED_WITHIN
 
 
 def test_stream_headers_tell_proxies_not_to_buffer(relay: Relay) -> None:
@@ -81,10 +88,7 @@ def test_client_disconnect_closes_upstream(relay: Relay, fake_upstream: FakeUpst
         closed_at = time.monotonic()
     # Leaving the block closed the connection mid-stream.
 
-    record = fake_upstream.last_request()
-    assert record.wait_for_outcome(5) == "abandoned"
-    assert record.outcome_at is not None
-    assert record.outcome_at - closed_at < ABANDON_NOTICED_WITHIN
+    _assert_abandoned_at_once(fake_upstream.last_request(), closed_at)
 
 
 def test_sdk_closing_a_stream_closes_upstream(
@@ -101,10 +105,7 @@ def test_sdk_closing_a_stream_closes_upstream(
     closed_at = time.monotonic()
     stream.close()
 
-    record = fake_upstream.last_request()
-    assert record.wait_for_outcome(5) == "abandoned"
-    assert record.outcome_at is not None
-    assert record.outcome_at - closed_at < ABANDON_NOTICED_WITHIN
+    _assert_abandoned_at_once(fake_upstream.last_request(), closed_at)
 
 
 def test_disconnect_while_upstream_is_silent_closes_upstream(
@@ -118,19 +119,15 @@ def test_disconnect_while_upstream_is_silent_closes_upstream(
         record = fake_upstream.last_request()
         closed_at = time.monotonic()
 
-    assert record.wait_for_outcome(5) == "abandoned"
-    assert record.outcome_at is not None
-    assert record.outcome_at - closed_at < ABANDON_NOTICED_WITHIN
+    _assert_abandoned_at_once(record, closed_at)
 
 
 @pytest.fixture(scope="module")
 def pinging_relay(
     fake_upstream: FakeUpstream, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Relay]:
-    with start_tokenrelay(
-        tmp_path_factory.mktemp("pinging"),
-        config_toml=fake_provider_toml(fake_upstream.base_url),
-        env={**NO_LOCAL_MODEL, "TOKENRELAY_PING_INTERVAL": "0.2"},
+    with relay_to(
+        fake_upstream, tmp_path_factory.mktemp("pinging"), env={"TOKENRELAY_PING_INTERVAL": "0.2"}
     ) as running:
         yield running
 

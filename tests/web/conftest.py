@@ -7,22 +7,21 @@ tests skip, which ``CI=true`` turns into a failure.
 
 from __future__ import annotations
 
-import re
 import shutil
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from conftest import NO_LOCAL_MODEL, Relay, fake_provider_toml, start_tokenrelay
-from fake_upstream import FakeUpstream, RecordedRequest
+from conftest import Relay, relay_to
+from fake_upstream import FakeUpstream
 
 if TYPE_CHECKING:
-    from aiohttp import web as aioweb
     from playwright.sync_api import Browser, BrowserContext, Page
 
-__all__ = ["CHROMIUM", "CHROMIUM_ARGS", "PageFake", "open_chat", "send_prompt"]
+__all__ = ["CHROMIUM", "CHROMIUM_ARGS", "open_chat", "reload_chat", "send_prompt"]
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
@@ -30,78 +29,18 @@ DESKTOP = {"width": 1280, "height": 860}
 WAIT_MS = 15_000
 """How long a Playwright wait may take before the test fails (ms)."""
 
-_PIECES = re.compile(r"\S+\s*|\s+")
 
+@pytest.fixture(scope="session")
+def page_relay(
+    fake_upstream: FakeUpstream, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Relay]:
+    """tokenrelay serving the page, relaying to the shared fake upstream.
 
-class PageFake(FakeUpstream):
-    """The fake upstream, steerable for requests that a browser makes.
-
-    The page cannot put the fake's per-request ``fake`` options into its requests, so a test
-    sets them here instead: ``answer_with(...)`` gives the options used by every chat request
-    that carries none, and ``text`` replaces the ``"word0 word1 ..."`` answer with given text,
-    streamed a word (with its trailing whitespace) per chunk. ``reset()`` restores the defaults.
+    A server of the page tests' own rather than the shared ``relay``: the page lists every
+    conversation in the server's database, so the page tests start from an empty one. The page
+    cannot send the fake's per-request options; tests set ``fake_upstream.defaults`` instead.
     """
-
-    def __init__(self, models: list[str] | None = None) -> None:
-        super().__init__(models)
-        self.options: dict[str, Any] = {}
-        self.text: str | None = None
-
-    def answer_with(self, text: str | None = None, **options: Any) -> None:
-        self.text = text
-        self.options = options
-
-    def reset(self) -> None:
-        super().reset()
-        self.answer_with(None)
-
-    def chat_requests(self) -> list[RecordedRequest]:
-        """The chat completions tokenrelay has forwarded since the last reset."""
-        return [r for r in list(self.requests) if r.path.endswith("/chat/completions")]
-
-    async def _answer(
-        self, request: aioweb.Request, record: RecordedRequest
-    ) -> aioweb.StreamResponse:
-        body = record.json
-        if isinstance(body, dict) and "fake" not in body:
-            options = dict(self.options)
-            if self.text is not None:
-                options["tokens"] = len(_PIECES.findall(self.text))
-            record.json = {**body, "fake": options}
-        return await super()._answer(request, record)
-
-    def _chat_deltas(
-        self, body: dict[str, Any], behaviour: Any, number: int
-    ) -> Iterator[tuple[dict[str, Any], bool]]:
-        text = self.text
-        if text is None or behaviour.tool_calls:
-            yield from super()._chat_deltas(body, behaviour, number)
-            return
-        yield {"role": "assistant", "content": "", "refusal": None}, False
-        for piece in _PIECES.findall(text):
-            yield {"content": piece}, True
-
-
-@pytest.fixture(scope="session")
-def page_fake() -> Iterator[PageFake]:
-    with PageFake() as fake:
-        yield fake
-
-
-@pytest.fixture(autouse=True)
-def _fresh_page_fake(request: pytest.FixtureRequest) -> None:
-    if "page_fake" in request.fixturenames:
-        request.getfixturevalue("page_fake").reset()
-
-
-@pytest.fixture(scope="session")
-def page_relay(page_fake: PageFake, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Relay]:
-    """tokenrelay serving the page, relaying to the steerable fake."""
-    with start_tokenrelay(
-        tmp_path_factory.mktemp("page-relay"),
-        config_toml=fake_provider_toml(page_fake.base_url),
-        env=NO_LOCAL_MODEL,
-    ) as running:
+    with relay_to(fake_upstream, tmp_path_factory.mktemp("page-relay")) as running:
         yield running
 
 
@@ -119,34 +58,31 @@ def browser() -> Iterator[Browser]:
             launched.close()
 
 
-def _context(browser: Browser, **options: Any) -> BrowserContext:
+@contextmanager
+def _context(browser: Browser, **options: Any) -> Iterator[BrowserContext]:
     # bypass_csp: the page's own Content-Security-Policy would also stop an injected script, so
     # the XSS tests switch it off to prove that the sanitizer alone keeps model output inert;
     # it also lets Playwright evaluate its wait predicates.
     context = browser.new_context(bypass_csp=True, **options)
-    context.set_default_timeout(WAIT_MS)
-    return context
+    try:
+        context.set_default_timeout(WAIT_MS)
+        yield context
+    finally:
+        context.close()
 
 
 @pytest.fixture
 def context(browser: Browser) -> Iterator[BrowserContext]:
-    context = _context(browser, viewport=DESKTOP)
-    try:
+    with _context(browser, viewport=DESKTOP) as context:
         yield context
-    finally:
-        context.close()
 
 
 @pytest.fixture
 def phone(browser: Browser) -> Iterator[BrowserContext]:
     """An iPhone-sized window (390 x 844) with touch."""
-    context = _context(
-        browser, viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True
-    )
-    try:
+    viewport = {"width": 390, "height": 844}
+    with _context(browser, viewport=viewport, is_mobile=True, has_touch=True) as context:
         yield context
-    finally:
-        context.close()
 
 
 @pytest.fixture
@@ -161,6 +97,12 @@ def page(context: BrowserContext, page_relay: Relay) -> Iterator[Page]:
 def open_chat(page: Page, relay: Relay, path: str = "/") -> None:
     """Load the chat page and wait until it has listed models and conversations."""
     page.goto(relay.url + path)
+    page.wait_for_selector("body[data-ready]")
+
+
+def reload_chat(page: Page) -> None:
+    """Reload the chat page and wait until it is ready again."""
+    page.reload()
     page.wait_for_selector("body[data-ready]")
 
 

@@ -17,7 +17,8 @@ import httpx  # noqa: E402
 from playwright.sync_api import expect, sync_playwright  # noqa: E402
 
 from conftest import NO_LOCAL_MODEL, fake_provider_toml, start_tokenrelay  # noqa: E402
-from web.conftest import CHROMIUM, CHROMIUM_ARGS, PageFake  # noqa: E402
+from fake_upstream import FakeUpstream  # noqa: E402
+from web.conftest import CHROMIUM, CHROMIUM_ARGS  # noqa: E402
 
 MODELS = ["llama-3.1-8b-instruct", "qwen2.5-7b-instruct", "smollm2-360m-instruct"]
 EARLIER = [
@@ -56,7 +57,7 @@ Each chunk arrives as soon as the model writes it, so **the first words show up 
 
 def main(target: Path) -> None:
     with (
-        PageFake(MODELS) as fake,
+        FakeUpstream(MODELS) as fake,
         tempfile.TemporaryDirectory() as tmp,
         start_tokenrelay(
             Path(tmp),
@@ -66,7 +67,7 @@ def main(target: Path) -> None:
     ):
         for title in EARLIER:
             httpx.post(f"{relay.url}/api/conversations", json={"title": title}).raise_for_status()
-        fake.answer_with(ANSWER)
+        fake.defaults = {"text": ANSWER}
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
             page = browser.new_page(

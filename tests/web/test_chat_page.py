@@ -7,13 +7,13 @@ from typing import Any
 import pytest
 
 from conftest import Relay
-from fake_upstream import expected_text
+from fake_upstream import FakeUpstream, expected_text
 
-from .conftest import PageFake, open_chat, send_prompt
+from .conftest import open_chat, reload_chat, send_prompt
 
 pytest.importorskip("playwright.sync_api", reason="Playwright is not installed")
 
-from playwright.sync_api import BrowserContext, Page, expect
+from playwright.sync_api import BrowserContext, Locator, Page, expect
 
 LAST_ANSWER = ".message-assistant:last-child"
 
@@ -62,14 +62,35 @@ _RECORD_RENDERS = """() => {
 }"""
 
 
+def _ask(page: Page, prompt: str) -> Locator:
+    """Send ``prompt``, wait until its answer is complete and return the answer."""
+    answers = page.locator(".message-assistant")
+    before = answers.count()
+    send_prompt(page, prompt)
+    # Counted first, so that an earlier answer, already complete, is not taken for this one.
+    expect(answers).to_have_count(before + 1)
+    answer = page.locator(LAST_ANSWER)
+    expect(answer).to_have_attribute("data-status", "complete")
+    return answer
+
+
+def _wait_until_shown(page: Page, text: str) -> None:
+    """Wait until the answer being written shows ``text``."""
+    page.wait_for_function(
+        "(text) => document.querySelector('.message-assistant .markdown')"
+        "?.textContent.includes(text)",
+        arg=text,
+    )
+
+
 def _answer_text(page: Page, selector: str = LAST_ANSWER) -> str:
     return page.locator(f"{selector} .markdown").inner_text()
 
 
 def test_reply_grows_on_screen_while_it_streams(
-    page: Page, page_relay: Relay, page_fake: PageFake
+    page: Page, page_relay: Relay, fake_upstream: FakeUpstream
 ) -> None:
-    page_fake.answer_with(tokens=40, delay=0.03)
+    fake_upstream.defaults = {"tokens": 40, "delay": 0.03}
     open_chat(page, page_relay)
     page.evaluate(_RECORD_RENDERS)
 
@@ -88,47 +109,43 @@ def test_reply_grows_on_screen_while_it_streams(
     expect(page.locator("#stop")).to_be_hidden()
 
 
-def test_stop_ends_the_answer_upstream(page: Page, page_relay: Relay, page_fake: PageFake) -> None:
-    page_fake.answer_with(tokens=5000, delay=0.05)
+def test_stop_ends_the_answer_upstream(
+    page: Page, page_relay: Relay, fake_upstream: FakeUpstream
+) -> None:
+    fake_upstream.defaults = {"tokens": 5000, "delay": 0.05}
     open_chat(page, page_relay)
 
     send_prompt(page, "Talk for a long time")
-    page.wait_for_function(
-        "document.querySelector('.message-assistant .markdown')?.textContent.includes('word3')"
-    )
+    _wait_until_shown(page, "word3")
     page.locator("#stop").click()
 
     answer = page.locator(LAST_ANSWER)
     expect(answer).to_have_attribute("data-status", "stopped")
     expect(answer.locator(".message-status")).to_have_text("Stopped")
     expect(page.locator("#send")).to_be_visible()
-    (upstream,) = page_fake.chat_requests()
+    (upstream,) = fake_upstream.chat_requests()
     assert upstream.wait_for_outcome(timeout=10) == "abandoned"
     shown = _answer_text(page)
     assert shown.startswith("word0 word1 word2 word3")
     assert "word4999" not in shown
 
     # What was written before the stop is kept, and still marked stopped.
-    page.reload()
-    page.wait_for_selector("body[data-ready]")
+    reload_chat(page)
     expect(answer).to_have_attribute("data-status", "stopped")
     assert _answer_text(page).startswith("word0 word1 word2 word3")
 
 
 def test_an_answer_keeps_growing_after_a_reload(
-    page: Page, page_relay: Relay, page_fake: PageFake
+    page: Page, page_relay: Relay, fake_upstream: FakeUpstream
 ) -> None:
-    page_fake.answer_with(tokens=5000, delay=0.02)
+    fake_upstream.defaults = {"tokens": 5000, "delay": 0.02}
     open_chat(page, page_relay)
     send_prompt(page, "Keep going while I reload")
-    page.wait_for_function(
-        "document.querySelector('.message-assistant .markdown')?.textContent.includes('word3')"
-    )
+    _wait_until_shown(page, "word3")
 
     # The answer belongs to the server, not to the tab: after a reload the page follows it
     # as the server saves it, and can still stop it.
-    page.reload()
-    page.wait_for_selector("body[data-ready]")
+    reload_chat(page)
     answer = page.locator(LAST_ANSWER)
     expect(answer).to_have_attribute("data-status", "streaming")
     expect(page.locator("#stop")).to_be_visible()
@@ -141,23 +158,20 @@ def test_an_answer_keeps_growing_after_a_reload(
     page.locator("#stop").click()
     expect(answer).to_have_attribute("data-status", "stopped")
     expect(page.locator("#send")).to_be_visible()
-    (upstream,) = page_fake.chat_requests()
+    (upstream,) = fake_upstream.chat_requests()
     assert upstream.wait_for_outcome(timeout=10) == "abandoned"
 
 
 def test_history_is_there_after_a_reload(
-    page: Page, page_relay: Relay, page_fake: PageFake
+    page: Page, page_relay: Relay, fake_upstream: FakeUpstream
 ) -> None:
-    page_fake.answer_with(tokens=3)
+    fake_upstream.defaults = {"tokens": 3}
     open_chat(page, page_relay)
-    send_prompt(page, "First question about history")
-    expect(page.locator(LAST_ANSWER)).to_have_attribute("data-status", "complete")
-    send_prompt(page, "Second question")
+    _ask(page, "First question about history")
+    _ask(page, "Second question")
     expect(page.locator(".message-assistant")).to_have_count(2)
-    expect(page.locator(LAST_ANSWER)).to_have_attribute("data-status", "complete")
 
-    page.reload()
-    page.wait_for_selector("body[data-ready]")
+    reload_chat(page)
     messages = page.locator(".message")
     expect(messages).to_have_count(4)
     expect(messages.locator(".content")).to_have_text(
@@ -177,15 +191,15 @@ def test_history_is_there_after_a_reload(
     expect(page.locator(".message")).to_have_count(4)
 
 
-def test_model_output_cannot_run_script(page: Page, page_relay: Relay, page_fake: PageFake) -> None:
+def test_model_output_cannot_run_script(
+    page: Page, page_relay: Relay, fake_upstream: FakeUpstream
+) -> None:
     dialogs: list[str] = []
     page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
-    page_fake.answer_with(XSS_ANSWER)
+    fake_upstream.defaults = {"text": XSS_ANSWER}
     open_chat(page, page_relay)
 
-    send_prompt(page, "Show me some HTML")
-    answer = page.locator(LAST_ANSWER)
-    expect(answer).to_have_attribute("data-status", "complete")
+    answer = _ask(page, "Show me some HTML")
 
     for check in ("answered", "reloaded"):
         # The payloads are on screen as the text they are...
@@ -197,21 +211,18 @@ def test_model_output_cannot_run_script(page: Page, page_relay: Relay, page_fake
         assert page.locator("[onerror]").count() == 0, check
         assert page.evaluate("window.__pwned === undefined"), check
         assert dialogs == [], check
-        page.reload()
-        page.wait_for_selector("body[data-ready]")
+        reload_chat(page)
         expect(answer).to_have_attribute("data-status", "complete")
 
 
 def test_markdown_tables_and_code_render(
-    context: BrowserContext, page: Page, page_relay: Relay, page_fake: PageFake
+    context: BrowserContext, page: Page, page_relay: Relay, fake_upstream: FakeUpstream
 ) -> None:
     context.grant_permissions(["clipboard-read", "clipboard-write"])
-    page_fake.answer_with(MARKDOWN_ANSWER)
+    fake_upstream.defaults = {"text": MARKDOWN_ANSWER}
     open_chat(page, page_relay)
 
-    send_prompt(page, "Compare HTTP versions")
-    answer = page.locator(LAST_ANSWER)
-    expect(answer).to_have_attribute("data-status", "complete")
+    answer = _ask(page, "Compare HTTP versions")
 
     expect(answer.locator("table th")).to_have_text(["Protocol", "Multiplexing", "Transport"])
     expect(answer.locator("table tbody tr")).to_have_count(3)
@@ -235,29 +246,27 @@ def test_markdown_tables_and_code_render(
 
 
 def test_regenerate_replaces_the_last_answer(
-    page: Page, page_relay: Relay, page_fake: PageFake
+    page: Page, page_relay: Relay, fake_upstream: FakeUpstream
 ) -> None:
-    page_fake.answer_with("The first answer.")
+    fake_upstream.defaults = {"text": "The first answer."}
     open_chat(page, page_relay)
-    send_prompt(page, "Say something")
-    expect(page.locator(LAST_ANSWER)).to_have_attribute("data-status", "complete")
+    _ask(page, "Say something")
     expect(page.locator(LAST_ANSWER)).to_contain_text("The first answer.")
 
-    page_fake.answer_with("A better answer.")
+    fake_upstream.defaults = {"text": "A better answer."}
     page.locator(f"{LAST_ANSWER} button[data-action=regenerate]").click()
     expect(page.locator(LAST_ANSWER)).to_contain_text("A better answer.")
     expect(page.locator(LAST_ANSWER)).to_have_attribute("data-status", "complete")
     expect(page.locator(".message-assistant")).to_have_count(1)
 
-    page.reload()
-    page.wait_for_selector("body[data-ready]")
+    reload_chat(page)
     expect(page.locator(".message-assistant .markdown")).to_have_text(["A better answer."])
 
 
 def test_an_upstream_error_is_shown_on_the_answer(
-    page: Page, page_relay: Relay, page_fake: PageFake
+    page: Page, page_relay: Relay, fake_upstream: FakeUpstream
 ) -> None:
-    page_fake.answer_with(status=503, message="The engine is warming up.")
+    fake_upstream.defaults = {"status": 503, "message": "The engine is warming up."}
     open_chat(page, page_relay)
     send_prompt(page, "Hello?")
     answer = page.locator(LAST_ANSWER)
@@ -267,9 +276,9 @@ def test_an_upstream_error_is_shown_on_the_answer(
 
 
 def test_shift_enter_adds_a_line_and_enter_sends(
-    page: Page, page_relay: Relay, page_fake: PageFake
+    page: Page, page_relay: Relay, fake_upstream: FakeUpstream
 ) -> None:
-    page_fake.answer_with(tokens=2)
+    fake_upstream.defaults = {"tokens": 2}
     open_chat(page, page_relay)
     prompt = page.locator("#prompt")
     prompt.click()
@@ -284,9 +293,9 @@ def test_shift_enter_adds_a_line_and_enter_sends(
 
 
 def test_phone_width_is_usable(
-    phone: BrowserContext, page_relay: Relay, page_fake: PageFake
+    phone: BrowserContext, page_relay: Relay, fake_upstream: FakeUpstream
 ) -> None:
-    page_fake.answer_with(MARKDOWN_ANSWER)
+    fake_upstream.defaults = {"text": MARKDOWN_ANSWER}
     page = phone.new_page()
     open_chat(page, page_relay)
 
@@ -294,9 +303,7 @@ def test_phone_width_is_usable(
     sidebar = page.locator("#sidebar")
     expect(page.locator("#menu")).to_be_visible()
     expect(sidebar).not_to_be_in_viewport()
-    send_prompt(page, "A table on a phone")
-    answer = page.locator(LAST_ANSWER)
-    expect(answer).to_have_attribute("data-status", "complete")
+    answer = _ask(page, "A table on a phone")
     expect(answer.locator("table")).to_be_visible()
 
     # Nothing is wider than the screen: wide tables and code scroll inside their own boxes.
@@ -319,17 +326,18 @@ def test_phone_width_is_usable(
     expect(page.locator(LAST_ANSWER)).to_have_attribute("data-status", "complete")
 
 
-def test_the_picked_model_answers(page: Page, page_relay: Relay, page_fake: PageFake) -> None:
-    page_fake.answer_with(tokens=2)
+def test_the_picked_model_answers(
+    page: Page, page_relay: Relay, fake_upstream: FakeUpstream
+) -> None:
+    fake_upstream.defaults = {"tokens": 2}
     open_chat(page, page_relay)
     picker = page.locator("#model")
     expect(picker.locator("option")).to_contain_text(["fake-model", "fake-other"])
     expect(picker).to_have_value("fake-model")  # the first listed is the default
 
     picker.select_option("fake-other")
-    send_prompt(page, "Which model are you?")
-    expect(page.locator(LAST_ANSWER)).to_have_attribute("data-status", "complete")
-    (upstream,) = page_fake.chat_requests()
+    _ask(page, "Which model are you?")
+    (upstream,) = fake_upstream.chat_requests()
     assert upstream.json["model"] == "fake-other"
 
     # Reopening the conversation picks its model again.
@@ -340,12 +348,11 @@ def test_the_picked_model_answers(page: Page, page_relay: Relay, page_fake: Page
 
 
 def test_rename_and_delete_from_the_sidebar(
-    page: Page, page_relay: Relay, page_fake: PageFake
+    page: Page, page_relay: Relay, fake_upstream: FakeUpstream
 ) -> None:
-    page_fake.answer_with(tokens=2)
+    fake_upstream.defaults = {"tokens": 2}
     open_chat(page, page_relay)
-    send_prompt(page, "A chat to rename")
-    expect(page.locator(LAST_ANSWER)).to_have_attribute("data-status", "complete")
+    _ask(page, "A chat to rename")
     conversation_id = page.locator(".conversation:has([aria-current=page])").get_attribute(
         "data-id"
     )
@@ -356,8 +363,7 @@ def test_rename_and_delete_from_the_sidebar(
     item.locator(".rename-input").press("Enter")
     expect(item.locator(".conversation-link")).to_have_text("Renamed chat")
     expect(page.locator("#title")).to_have_text("Renamed chat")
-    page.reload()
-    page.wait_for_selector("body[data-ready]")
+    reload_chat(page)
     expect(item.locator(".conversation-link")).to_have_text("Renamed chat")
 
     # Delete asks for a second click, then the chat is gone, here and on the server.
@@ -366,6 +372,5 @@ def test_rename_and_delete_from_the_sidebar(
     item.locator("button[data-action=delete]").click()
     expect(item).to_have_count(0)
     expect(page.locator("#title")).to_have_text("New chat")
-    page.reload()
-    page.wait_for_selector("body[data-ready]")
+    reload_chat(page)
     expect(page.locator(f".conversation[data-id='{conversation_id}']")).to_have_count(0)
