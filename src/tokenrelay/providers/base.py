@@ -14,9 +14,10 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
+from types import TracebackType
 from typing import Any, Literal, Protocol, runtime_checkable
 
-__all__ = ["Endpoint", "ModelCard", "Provider", "ProviderRequest"]
+__all__ = ["ClosingStream", "Endpoint", "ModelCard", "Provider", "ProviderRequest"]
 
 Endpoint = Literal["chat/completions", "completions"]
 """The OpenAI path (under ``/v1``) a request was made to."""
@@ -76,3 +77,34 @@ class Provider(Protocol):
     async def aclose(self) -> None:
         """Release connections, threads and models."""
         ...
+
+
+class ClosingStream(AsyncGenerator[bytes, None]):
+    """A provider stream written as a class, whose ``_close`` stops the work behind it.
+
+    An ``async def`` generator that never started runs no ``finally`` when closed, and a client
+    may leave before the first chunk; a class can always stop its upstream request or its model.
+    Subclasses implement ``__anext__`` (or ``asend``) and ``_close``.
+    """
+
+    __slots__ = ()
+
+    def _close(self) -> None:
+        raise NotImplementedError
+
+    async def asend(self, value: None) -> bytes:
+        return await self.__anext__()
+
+    async def athrow(
+        self,
+        typ: type[BaseException] | BaseException,
+        val: object = None,
+        tb: TracebackType | None = None,
+    ) -> bytes:
+        self._close()
+        if isinstance(typ, BaseException):
+            raise typ
+        raise typ() if val is None else typ(val)
+
+    async def aclose(self) -> None:
+        self._close()

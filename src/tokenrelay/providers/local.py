@@ -12,7 +12,6 @@ import contextlib
 import importlib.util
 from collections.abc import AsyncGenerator
 from pathlib import Path
-from types import TracebackType
 
 from tokenrelay.config import LocalModelSettings
 from tokenrelay.errors import InvalidRequest, ModelUnavailable, TokenrelayError
@@ -26,7 +25,7 @@ from tokenrelay.providers._llama_engine import (
 )
 from tokenrelay.providers._local_format import AnswerFormat
 from tokenrelay.providers._local_request import LocalRequest, parse_request
-from tokenrelay.providers.base import ModelCard, ProviderRequest
+from tokenrelay.providers.base import ClosingStream, ModelCard, ProviderRequest
 
 __all__ = [
     "DEFAULT_MODEL_FILE",
@@ -189,12 +188,11 @@ class LocalProvider:
         return engine, job
 
 
-class _LocalStream(AsyncGenerator[bytes, None]):
+class _LocalStream(ClosingStream):
     """What ``open_stream`` returns: the SSE bytes of one answer.
 
-    A hand-written generator rather than an ``async def`` one, because closing it must stop the
-    model even before the first ``__anext__`` (an ``async def`` generator that never started
-    runs no ``finally``), and a cancelled ``__anext__`` (the client left) must stop it too.
+    Closing it stops the model even before the first read (see ``ClosingStream``), and a
+    cancelled read (the client left) stops it too.
     """
 
     __slots__ = ("_engine", "_error", "_fmt", "_job", "_opening", "_over")
@@ -245,20 +243,6 @@ class _LocalStream(AsyncGenerator[bytes, None]):
                 break
             item = queue.get_nowait()
         return b"".join(out)
-
-    async def athrow(
-        self,
-        typ: type[BaseException] | BaseException,
-        val: object = None,
-        tb: TracebackType | None = None,
-    ) -> bytes:
-        self._close()
-        if isinstance(typ, BaseException):
-            raise typ
-        raise typ() if val is None else typ(val)
-
-    async def aclose(self) -> None:
-        self._close()
 
     def _close(self) -> None:
         self._over = True

@@ -15,7 +15,6 @@ import logging
 import re
 import time
 from collections.abc import AsyncGenerator, Callable
-from types import TracebackType
 from typing import Any
 
 import aiohttp
@@ -28,7 +27,7 @@ from tokenrelay.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from tokenrelay.providers.base import ModelCard, ProviderRequest
+from tokenrelay.providers.base import ClosingStream, ModelCard, ProviderRequest
 
 __all__ = ["OpenAICompatibleProvider"]
 
@@ -234,13 +233,12 @@ def _card(model: str, owner: str) -> ModelCard:
     return {"id": model, "object": "model", "created": 0, "owned_by": owner}
 
 
-class _UpstreamEvents(AsyncGenerator[bytes, None]):
+class _UpstreamEvents(ClosingStream):
     """The upstream's streamed bytes, cut so that every piece ends on an SSE event boundary.
 
     Upstreams almost always send one event per read, so the common case returns the bytes as
-    they came, with no copy. A class rather than an ``async def`` generator because closing it
-    must close the upstream response even before the first read (a generator that never started
-    runs no ``finally``): that is what stops the upstream when a client leaves early.
+    they came, with no copy. Closing it closes the upstream response, even before the first read
+    (see ``ClosingStream``): that is what stops the upstream when a client leaves early.
     """
 
     __slots__ = ("_chunks", "_on_error", "_pending", "_resp")
@@ -285,19 +283,5 @@ class _UpstreamEvents(AsyncGenerator[bytes, None]):
             self._resp.close()
             raise
 
-    async def asend(self, value: None) -> bytes:
-        return await self.__anext__()
-
-    async def athrow(
-        self,
-        typ: type[BaseException] | BaseException,
-        val: object = None,
-        tb: TracebackType | None = None,
-    ) -> bytes:
-        self._resp.close()
-        if isinstance(typ, BaseException):
-            raise typ
-        raise typ() if val is None else typ(val)
-
-    async def aclose(self) -> None:
+    def _close(self) -> None:
         self._resp.close()
