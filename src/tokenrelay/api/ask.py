@@ -33,7 +33,9 @@ class Answer(BaseModel):
     usage: dict[str, Any] | None
 
 
-async def _chat_body(request: Request, prompt: str, model: str | None, stream: bool) -> bytes:
+async def _chat_body(
+    request: Request, prompt: str, model: str | None, stream: bool
+) -> dict[str, Any]:
     body: dict[str, Any] = {
         "model": model or await registry_of(request).default_model(),
         "messages": [{"role": "user", "content": prompt}],
@@ -41,19 +43,19 @@ async def _chat_body(request: Request, prompt: str, model: str | None, stream: b
     if stream:
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}
-    return orjson.dumps(body)
+    return body
 
 
 @router.get("/ask", response_model=Answer)
 async def ask(request: Request, prompt: Prompt, model: Model = None) -> Answer:
     """Ask once; the whole answer comes back as JSON."""
-    raw = await _chat_body(request, prompt, model, stream=False)
-    response = await relay(request, "chat/completions", orjson.loads(raw), raw)
+    body = await _chat_body(request, prompt, model, stream=False)
+    response = await relay(request, "chat/completions", body, orjson.dumps(body))
     try:
         completion = orjson.loads(response.body)
         choice = completion["choices"][0]
         return Answer(
-            model=completion.get("model") or orjson.loads(raw)["model"],
+            model=completion.get("model") or body["model"],
             answer=choice["message"].get("content") or "",
             finish_reason=choice.get("finish_reason"),
             usage=completion.get("usage"),
@@ -69,5 +71,5 @@ async def ask(request: Request, prompt: Prompt, model: Model = None) -> Answer:
 )
 async def ask_stream(request: Request, prompt: Prompt, model: Model = None) -> Response:
     """Ask and read the answer as it is written, as Server-Sent Events."""
-    raw = await _chat_body(request, prompt, model, stream=True)
-    return await relay(request, "chat/completions", orjson.loads(raw), raw)
+    body = await _chat_body(request, prompt, model, stream=True)
+    return await relay(request, "chat/completions", body, orjson.dumps(body))
