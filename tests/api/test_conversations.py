@@ -415,7 +415,7 @@ def test_list_of_an_empty_database_is_empty(own_api: httpx.Client) -> None:
 def test_list_with_bad_parameters_is_400(api: httpx.Client, params: dict[str, Any]) -> None:
     response = api.get("/api/conversations", params=params)
 
-    assert_openai_error(response, 400)
+    assert_openai_error(response, 400, param=next(iter(params)))
 
 
 # -- sending messages --------------------------------------------------------------------------

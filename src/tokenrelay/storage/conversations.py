@@ -60,7 +60,9 @@ class MessageNotFound(TokenrelayError):
 
 class InvalidCursor(InvalidRequest):
     def __init__(self) -> None:
-        super().__init__("The pagination cursor is not valid; pass one from a previous page.")
+        super().__init__(
+            "The pagination cursor is not valid; pass one from a previous page.", param="after"
+        )
 
 
 @dataclass(frozen=True, slots=True)
