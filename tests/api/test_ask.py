@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import httpx
 
-from conftest import Relay, assert_openai_error, stream_chunks
+from conftest import Relay, assert_openai_error, relay_to, stream_chunks
 from fake_upstream import FakeUpstream, expected_text
 
 
@@ -30,6 +32,17 @@ def test_ask_without_a_model_uses_the_first_listed(
 
     assert response.status_code == 200, response.text
     assert response.json()["answer"] == expected_text(5)
+
+
+def test_ask_without_a_model_uses_the_configured_default(
+    fake_upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    with relay_to(fake_upstream, tmp_path, env={"TOKENRELAY_DEFAULT_MODEL": "fake-other"}) as relay:
+        response = httpx.get(f"{relay.url}/api/ask", params={"prompt": "hi"})
+
+    assert response.status_code == 200, response.text
+    assert response.json()["model"] == "fake-other"
+    assert fake_upstream.last_request().json["model"] == "fake-other"
 
 
 def test_ask_stream_is_an_event_stream_of_openai_chunks(

@@ -23,9 +23,16 @@ logger = logging.getLogger(__name__)
 class ProviderRegistry:
     """Owns every provider for the life of the app."""
 
-    def __init__(self, providers: list[Provider], *, fallback: Provider | None = None) -> None:
+    def __init__(
+        self,
+        providers: list[Provider],
+        *,
+        fallback: Provider | None = None,
+        default_model: str | None = None,
+    ) -> None:
         self.providers = providers
         self.fallback = fallback
+        self._default_model = default_model
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ProviderRegistry:
@@ -41,7 +48,7 @@ class ProviderRegistry:
             providers.insert(0, local)
             if len(providers) == 1:
                 fallback = local
-        return cls(providers, fallback=fallback)
+        return cls(providers, fallback=fallback, default_model=settings.default_model)
 
     def resolve(self, model: str) -> Provider:
         for provider in self.providers:
@@ -52,7 +59,9 @@ class ProviderRegistry:
         raise ModelNotFound(model)
 
     async def default_model(self) -> str:
-        """The model used when a request names none: the first one listed."""
+        """The model used when a request names none: the configured one, else the first listed."""
+        if self._default_model is not None:
+            return self._default_model
         models = await self.list_models()
         if not models:
             raise ModelNotFound("(none)")
