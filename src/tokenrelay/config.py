@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
+import platformdirs
 from pydantic import AliasChoices, BaseModel, Field, SecretStr
 from pydantic_settings import (
     BaseSettings,
@@ -79,6 +80,17 @@ class LocalModelSettings(BaseModel):
     load: Literal["lazy", "eager"] = Field(
         default="lazy", description="Load on first use, or when the server starts."
     )
+    extra_buffers: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="llama.cpp's extra buffer types (AMX, weight repacking): `auto` probes at "
+        "the first start and turns them off where they crash, remembering that per machine.",
+    )
+    max_crashes: int = Field(
+        default=5,
+        ge=1,
+        description="Worker crashes in a row after which the model is reported unavailable "
+        "instead of restarted.",
+    )
 
 
 class Settings(BaseSettings):
@@ -126,6 +138,11 @@ class Settings(BaseSettings):
     )
     local: LocalModelSettings = Field(default_factory=LocalModelSettings)
 
+    data_dir: Path | None = Field(
+        default=None,
+        description="Where tokenrelay keeps its files (the SQLite database, the local model's "
+        "CPU decision); by default the user's data directory.",
+    )
     database_url: str | None = Field(
         default=None,
         description="SQLAlchemy async URL, e.g. `postgresql+asyncpg://host/db`; "
@@ -153,6 +170,12 @@ class Settings(BaseSettings):
         if config_file:
             sources += (TomlConfigSettingsSource(settings_cls, toml_file=Path(config_file)),)
         return sources
+
+    def resolved_data_dir(self) -> Path:
+        """``data_dir``, or the platform's per-user data directory for tokenrelay."""
+        if self.data_dir is not None:
+            return self.data_dir.expanduser()
+        return Path(platformdirs.user_data_dir("tokenrelay", appauthor=False))
 
     def upstream_providers(self) -> list[ProviderSettings]:
         """The configured upstreams, plus the one implied by ``OPENAI_API_KEY``."""

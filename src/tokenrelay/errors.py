@@ -16,6 +16,7 @@ __all__ = [
     "UpstreamUnavailable",
     "UpstreamTimeout",
     "ModelUnavailable",
+    "ModelCrashed",
 ]
 
 
@@ -125,3 +126,11 @@ class ModelUnavailable(TokenrelayError):
     status = 503
     type = "server_error"
     code = "model_unavailable"
+
+
+class ModelCrashed(TokenrelayError):
+    """The local model's worker process died while answering; it is being restarted."""
+
+    status = 503
+    type = "server_error"
+    code = "model_crashed"

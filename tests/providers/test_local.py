@@ -1,27 +1,29 @@
 """The local provider against the real SmolLM2-135M model: shapes, limits, queueing, cancelling.
 
 Provider-level tests: they call `LocalProvider` directly (the end-to-end server tests live in
-``tests/api``). Stream shapes are checked with the openai SDK's own models. Waits are bounded
-polls on the engine's counters, which its worker threads update when a job really ends.
+``tests/api``), which runs the model in real worker processes. Stream shapes are checked with the
+openai SDK's own models. Waits are bounded polls on the pool's counters, which change when a
+worker reports that a job really ended. Every test in a module shares one event loop, so the
+module's provider (and its worker process) is started once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncGenerator, Callable, Iterator
+from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
 from typing import Any
 
 import llama_cpp
 import orjson
 import pytest
+import pytest_asyncio
 from openai.types import Completion
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from tokenrelay.config import LocalModelSettings
 from tokenrelay.errors import InvalidRequest, ModelUnavailable, RateLimited
-from tokenrelay.providers._llama_engine import _StopScanner
 from tokenrelay.providers.base import Endpoint, Provider, ProviderRequest
 from tokenrelay.providers.local import LocalProvider
 
@@ -30,6 +32,8 @@ MODEL = "smollm2-135m-instruct"
 COUNTING = "1, 2, 3, 4, 5,"
 HAIKU = [{"role": "user", "content": "Write a haiku about rivers."}]
 DEADLINE = 10.0  # seconds any single wait may take before the test fails
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 
 def make_request(endpoint: Endpoint, **body: Any) -> ProviderRequest:
@@ -86,17 +90,31 @@ def tokenizer(local_model_path: Path) -> Any:
 
 
 @pytest.fixture(scope="module")
-def provider() -> Iterator[LocalProvider]:
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where providers remember their CPU decision: never the user's own data directory."""
+    return tmp_path_factory.mktemp("data")
+
+
+@pytest.fixture(scope="module")
+def make_local(data_dir: Path) -> Callable[..., LocalProvider]:
+    def make(**settings: Any) -> LocalProvider:
+        return LocalProvider(LocalModelSettings(**settings), data_dir=data_dir)
+
+    return make
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def provider(make_local: Callable[..., LocalProvider]) -> AsyncGenerator[LocalProvider, None]:
     """One instance, the default queue; shared by the tests that do not fill it."""
-    local = LocalProvider(LocalModelSettings(threads=2))
+    local = make_local(threads=2)
     yield local
-    asyncio.run(local.aclose())
+    await local.aclose()
 
 
-@pytest.fixture
-async def one_slot() -> AsyncGenerator[LocalProvider, None]:
+@pytest_asyncio.fixture(loop_scope="module")
+async def one_slot(make_local: Callable[..., LocalProvider]) -> AsyncGenerator[LocalProvider, None]:
     """One instance and one waiting place: the third concurrent request is refused."""
-    local = LocalProvider(LocalModelSettings(threads=2, instances=1, queue_size=1))
+    local = make_local(threads=2, instances=1, queue_size=1)
     await local.load()
     yield local
     await local.aclose()
@@ -110,7 +128,7 @@ async def first_text(stream: AsyncGenerator[bytes, None]) -> str:
             return text
 
 
-def test_is_a_provider(provider: LocalProvider) -> None:
+async def test_is_a_provider(provider: LocalProvider) -> None:
     assert isinstance(provider, Provider)
     assert provider.name == "local"
     assert provider.serves(MODEL)
@@ -258,31 +276,6 @@ async def test_a_stop_sequence_never_reached_changes_nothing(provider: LocalProv
     assert text_of([c for piece in await read_all(stream) for c in piece]) == expected["text"]
 
 
-@pytest.mark.parametrize(
-    ("pieces", "stops", "sent", "found"),
-    [
-        (["Hello", " wor", "ld"], (" world",), "Hello", True),
-        (["a, 1", "0, 1", "1"], (", 12",), "a, 10, 11", False),
-        (["ab", "cX", "Yd"], ("XY", "bc"), "a", True),
-        (["x<", "|e", "nd|", ">"], ("<|end|>",), "x", True),
-    ],
-)
-def test_stop_scanner_holds_back_only_possible_stops(
-    pieces: list[str], stops: tuple[str, ...], sent: str, found: bool
-) -> None:
-    scanner = _StopScanner(stops)
-    out = []
-    for piece in pieces:
-        text, hit = scanner.feed(piece)
-        out.append(text)
-        if hit:
-            break
-    else:
-        out.append(scanner.flush(""))
-    assert "".join(out) == sent
-    assert hit is found
-
-
 async def test_seed_makes_sampling_reproducible(provider: LocalProvider) -> None:
     async def sample(seed: int) -> str:
         body = orjson.loads(
@@ -316,8 +309,10 @@ async def test_four_concurrent_requests_all_finish(provider: LocalProvider) -> N
     assert (stats.running, stats.waiting) == (0, 0)
 
 
-async def test_two_instances_answer_at_the_same_time() -> None:
-    local = LocalProvider(LocalModelSettings(threads=1, instances=2, queue_size=0))
+async def test_two_instances_answer_at_the_same_time(
+    make_local: Callable[..., LocalProvider],
+) -> None:
+    local = make_local(threads=1, instances=2, queue_size=0)
     try:
         long = completion(prompt=COUNTING, max_tokens=1500, temperature=0, stream=True)
         streams = [await local.open_stream(long), await local.open_stream(long)]
@@ -333,9 +328,11 @@ async def test_two_instances_answer_at_the_same_time() -> None:
         await local.aclose()
 
 
-async def test_decoding_never_blocks_the_event_loop() -> None:
+async def test_decoding_never_blocks_the_event_loop(
+    make_local: Callable[..., LocalProvider],
+) -> None:
     """Ticks keep coming while a fresh provider loads (lazily) and decodes 128 tokens."""
-    local = LocalProvider(LocalModelSettings(threads=2))
+    local = make_local(threads=2)
     gaps: list[float] = []
     running = True
 
@@ -458,8 +455,10 @@ async def test_a_waiting_request_that_is_cancelled_leaves_the_queue(
     await read_all(await asyncio.wait_for(again, DEADLINE))
 
 
-async def test_shutting_down_ends_every_request_with_an_error() -> None:
-    local = LocalProvider(LocalModelSettings(threads=2, instances=1, queue_size=1))
+async def test_shutting_down_ends_every_request_with_an_error(
+    make_local: Callable[..., LocalProvider],
+) -> None:
+    local = make_local(threads=2, instances=1, queue_size=1)
     long = completion(prompt=COUNTING, max_tokens=1500, temperature=0, stream=True)
     decoding = await local.open_stream(long)
     await first_text(decoding)
@@ -501,9 +500,11 @@ async def test_bad_parameters_are_refused_before_queueing(
     assert refused.value.param == param
 
 
-async def test_missing_gguf_is_reported_with_its_path(tmp_path: Path) -> None:
+async def test_missing_gguf_is_reported_with_its_path(
+    tmp_path: Path, make_local: Callable[..., LocalProvider]
+) -> None:
     missing = tmp_path / "nowhere" / "model.gguf"
-    local = LocalProvider(LocalModelSettings(path=missing))
+    local = make_local(path=missing)
     assert [card["id"] for card in await local.list_models()] == [MODEL]
     for attempt in (local.load(), local.open_stream(chat(messages=HAIKU, stream=True))):
         with pytest.raises(ModelUnavailable) as unavailable:
@@ -514,10 +515,12 @@ async def test_missing_gguf_is_reported_with_its_path(tmp_path: Path) -> None:
     await local.aclose()
 
 
-async def test_unreadable_gguf_is_reported_with_its_path(tmp_path: Path) -> None:
+async def test_unreadable_gguf_is_reported_with_its_path(
+    tmp_path: Path, make_local: Callable[..., LocalProvider]
+) -> None:
     garbage = tmp_path / "garbage.gguf"
     garbage.write_bytes(b"GGUF" + b"\x00" * 64)
-    local = LocalProvider(LocalModelSettings(path=garbage))
+    local = make_local(path=garbage)
     with pytest.raises(ModelUnavailable) as unavailable:
         await local.complete(completion(prompt=COUNTING))
     assert str(garbage) in unavailable.value.message
@@ -526,9 +529,9 @@ async def test_unreadable_gguf_is_reported_with_its_path(tmp_path: Path) -> None
 
 
 async def test_model_without_chat_template_answers_completions_only(
-    model_without_template: Path,
+    model_without_template: Path, make_local: Callable[..., LocalProvider]
 ) -> None:
-    local = LocalProvider(LocalModelSettings(name="base", path=model_without_template))
+    local = make_local(name="base", path=model_without_template)
     try:
         with pytest.raises(InvalidRequest) as refused:
             await local.open_stream(chat(messages=HAIKU, stream=True))
@@ -541,11 +544,11 @@ async def test_model_without_chat_template_answers_completions_only(
         await local.aclose()
 
 
-async def test_loads_lazily_unless_eager() -> None:
-    lazy = LocalProvider(LocalModelSettings())
+async def test_loads_lazily_unless_eager(make_local: Callable[..., LocalProvider]) -> None:
+    lazy = make_local()
     await lazy.start()
     assert not lazy.stats().loaded
-    eager = LocalProvider(LocalModelSettings(load="eager"))
+    eager = make_local(load="eager")
     await eager.start()
     assert eager.stats().loaded
     await lazy.aclose()

@@ -44,7 +44,7 @@ class ProviderRegistry:
             # Imported here: llama-cpp-python is only loaded when the local model is wanted.
             from tokenrelay.providers.local import LocalProvider
 
-            local = LocalProvider(settings.local)
+            local = LocalProvider(settings.local, data_dir=settings.resolved_data_dir())
             providers.insert(0, local)
             if len(providers) == 1:
                 fallback = local

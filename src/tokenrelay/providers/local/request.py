@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from tokenrelay.errors import InvalidRequest
-from tokenrelay.providers._llama_engine import Sampling
 from tokenrelay.providers.base import ProviderRequest
+from tokenrelay.providers.local.wire import Sampling
 
 __all__ = ["LocalRequest", "parse_request"]
 
