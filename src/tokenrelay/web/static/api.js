@@ -44,7 +44,8 @@ async function request(method, path, body, signal) {
 
 const conversation = (id) => `api/conversations/${encodeURIComponent(id)}`;
 
-export const listModels = async () => (await request("GET", "v1/models")).data.map((model) => model.id);
+/** Model cards; a local model that cannot answer has `status: "unavailable"` and a `status_reason`. */
+export const listModels = async () => (await request("GET", "v1/models")).data;
 
 /** One page, newest first; pass the page's `next_cursor` as `after` for the next one. */
 export const listConversations = (after = null, limit = 50) =>

@@ -677,12 +677,22 @@ ui.newChat.addEventListener("click", () => {
 async function loadModels() {
   try {
     const models = await api.listModels();
-    ui.model.replaceChildren(...models.map((id) => new Option(id, id)));
+    ui.model.replaceChildren(...models.map(modelOption));
     ui.model.disabled = models.length === 0;
   } catch (failure) {
     ui.model.replaceChildren(new Option("default model", ""));
     showToast(`Could not list models: ${failure.message}`);
   }
+}
+
+/** A picker entry; an unavailable model stays listed, disabled, with the reason in its label. */
+function modelOption(model) {
+  if (model.status !== "unavailable") return new Option(model.id, model.id);
+  const option = new Option(`${model.id} (unavailable)`, model.id);
+  option.disabled = true;
+  option.title = model.status_reason || "This model cannot answer right now.";
+  option.dataset.unavailable = "true";
+  return option;
 }
 
 function selectModel(id) {
