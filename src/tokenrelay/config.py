@@ -156,6 +156,29 @@ class Settings(BaseSettings):
         default=15.0, gt=0, description="Seconds of silence before a `: ping` comment is sent."
     )
 
+    redis_url: SecretStr | None = Field(
+        default=None,
+        description="Redis URL, e.g. `redis://127.0.0.1:6379/0`: streams and shared state live "
+        "there so several workers or replicas can serve and resume one stream; by default each "
+        "process keeps them in memory.",
+    )
+    stream_ttl: float = Field(
+        default=600.0,
+        gt=0,
+        description="Seconds a finished stream can still be read (resumed) before it expires.",
+    )
+    stream_max_bytes: int = Field(
+        default=16 * 1024 * 1024,
+        ge=1024,
+        description="Bytes of SSE events one stream may hold; a longer answer ends with an error.",
+    )
+    lease_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        description="Seconds after which an answer whose process stopped renewing its lease "
+        "(it crashed or was killed) counts as interrupted.",
+    )
+
     @classmethod
     def settings_customise_sources(
         cls,
