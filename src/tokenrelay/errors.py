@@ -17,6 +17,10 @@ __all__ = [
     "UpstreamTimeout",
     "ModelUnavailable",
     "ModelCrashed",
+    "StreamNotFound",
+    "StreamTooLarge",
+    "StreamInterrupted",
+    "RedisUnavailable",
 ]
 
 
@@ -134,3 +138,40 @@ class ModelCrashed(TokenrelayError):
     status = 503
     type = "server_error"
     code = "model_crashed"
+
+
+class StreamNotFound(TokenrelayError):
+    """No stream has this id here: it never existed, or it ended and expired."""
+
+    status = 404
+    type = "invalid_request_error"
+    code = "stream_not_found"
+
+    def __init__(self, stream_id: str) -> None:
+        super().__init__(
+            f"No stream `{stream_id}`: it does not exist or it has expired.", param="stream_id"
+        )
+
+
+class StreamTooLarge(TokenrelayError):
+    """An answer outgrew ``stream_max_bytes``; its stream is cut short there."""
+
+    status = 500
+    type = "server_error"
+    code = "stream_too_large"
+
+
+class StreamInterrupted(TokenrelayError):
+    """The process writing a stream stopped (crash, kill) before the answer ended."""
+
+    status = 503
+    type = "server_error"
+    code = "interrupted"
+
+
+class RedisUnavailable(TokenrelayError):
+    """Redis, where streams and shared state live with ``redis_url`` set, cannot be reached."""
+
+    status = 503
+    type = "server_error"
+    code = "redis_unavailable"
