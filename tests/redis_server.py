@@ -1,0 +1,47 @@
+"""The Redis that the streams and state tests share, and keys that never outlive a test.
+
+Tests use ``TOKENRELAY_TEST_REDIS_URL`` (default ``redis://127.0.0.1:6379/9``) under a key
+prefix of their own. Without a reachable Redis those tests are skipped, except under CI=true,
+where CI starts Redis and a skip would hide a broken backend: there they fail.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+
+import pytest
+import redis
+from redis.asyncio import Redis
+
+__all__ = ["REDIS_URL", "delete_prefix", "new_prefix", "require_redis"]
+
+REDIS_URL = os.environ.get("TOKENRELAY_TEST_REDIS_URL", "redis://127.0.0.1:6379/9")
+_IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def require_redis() -> None:
+    """Skip (fail under CI=true) unless Redis answers at ``REDIS_URL``."""
+    try:
+        with redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2) as client:
+            client.ping()
+    except redis.RedisError as exc:
+        reason = f"Redis is not reachable at {REDIS_URL} ({type(exc).__name__})"
+        if _IN_CI:
+            pytest.fail(f"{reason}; CI must run the Redis backend tests")
+        pytest.skip(reason)
+
+
+def new_prefix() -> str:
+    """A key prefix no other test (or engineer sharing this Redis) uses."""
+    return f"tokenrelay:test-{secrets.token_hex(6)}:"
+
+
+async def delete_prefix(prefix: str) -> None:
+    client = Redis.from_url(REDIS_URL)
+    try:
+        keys = [key async for key in client.scan_iter(match=prefix + "*", count=1000)]
+        if keys:
+            await client.unlink(*keys)
+    finally:
+        await client.aclose()
