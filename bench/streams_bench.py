@@ -259,7 +259,9 @@ def main() -> None:
     parser.add_argument(
         "--rate", type=float, default=0, help="chunks per second (default: as fast as possible)"
     )
-    parser.add_argument("--scenarios", nargs="+", default=["memory", "redis-local", "redis-remote"])
+    parser.add_argument(
+        "--scenarios", nargs="+", default=["baseline", "memory", "redis-local", "redis-remote"]
+    )
     args = parser.parse_args()
     try:
         import uvloop  # the loop uvicorn runs tokenrelay on
