@@ -1,4 +1,4 @@
-"""The tables tokenrelay keeps: conversations and their messages.
+"""The tables tokenrelay keeps: conversations and their messages, stored Responses.
 
 The schema itself is created by the numbered migrations in ``storage/migrations/versions``, never by
 ``metadata.create_all``; these models describe it for queries and for ``alembic --autogenerate``,
@@ -11,6 +11,7 @@ import secrets
 import string
 from datetime import UTC, datetime
 from enum import StrEnum
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Dialect
@@ -22,6 +23,9 @@ __all__ = [
     "Message",
     "MessageRole",
     "MessageStatus",
+    "ResponseInputItem",
+    "ResponseStatus",
+    "StoredResponse",
     "UTCDateTime",
     "new_id",
     "utcnow",
@@ -160,3 +164,66 @@ class Message(Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
     conversation: Mapped[Conversation] = relationship(back_populates="messages", lazy="raise")
+
+
+class ResponseStatus(StrEnum):
+    """Where a Responses API answer stands, with OpenAI's names.
+
+    ``queued`` (background, not started), ``in_progress``; then ``completed``, ``incomplete``
+    (cut by ``max_output_tokens`` or a content filter), ``failed`` or ``cancelled``.
+    """
+
+    QUEUED = "queued"
+    IN_PROGRESS = "in_progress"
+    COMPLETED = "completed"
+    INCOMPLETE = "incomplete"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class StoredResponse(Base):
+    """A Responses API answer stored for ``GET``, ``previous_response_id`` and resume.
+
+    ``fields`` holds the request's settings as the Response object echoes them (instructions,
+    tools, temperature...); ``output``, ``usage`` and ``error`` are in OpenAI's shapes.
+    ``previous_response_id`` is a plain column, not a foreign key: deleting or expiring an
+    earlier response must not rewrite the later ones, whose chains then end with a 404.
+    """
+
+    __tablename__ = "responses"
+    __table_args__ = (sa.Index(None, "created_at"),)
+
+    id: Mapped[str] = mapped_column(sa.String(32), primary_key=True, default=lambda: new_id("resp"))
+    model: Mapped[str] = mapped_column(sa.String(200))
+    status: Mapped[ResponseStatus] = mapped_column(_enum_column(ResponseStatus, "status"))
+    background: Mapped[bool] = mapped_column(sa.Boolean, default=False)
+    previous_response_id: Mapped[str | None] = mapped_column(sa.String(32))
+    fields: Mapped[dict[str, Any]] = mapped_column(sa.JSON)
+    output: Mapped[list[dict[str, Any]]] = mapped_column(sa.JSON)
+    usage: Mapped[dict[str, Any] | None] = mapped_column(sa.JSON)
+    error: Mapped[dict[str, Any] | None] = mapped_column(sa.JSON)
+    incomplete_reason: Mapped[str | None] = mapped_column(sa.String(32))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class ResponseInputItem(Base):
+    """One item of a response's input, in order; ``item_id`` is the item's own (client) id.
+
+    A row per item, so ``GET /v1/responses/{id}/input_items`` pages without loading them all.
+    """
+
+    __tablename__ = "response_input_items"
+    __table_args__ = (
+        sa.PrimaryKeyConstraint("response_id", "position"),
+        sa.Index(None, "response_id", "item_id"),
+    )
+
+    response_id: Mapped[str] = mapped_column(
+        sa.String(32), sa.ForeignKey("responses.id", ondelete="CASCADE")
+    )
+    position: Mapped[int] = mapped_column(sa.Integer)
+    # Client-made ids can be long (the Codex CLI sends ``msg_`` and a UUID).
+    item_id: Mapped[str] = mapped_column(sa.String(200))
+    item: Mapped[dict[str, Any]] = mapped_column(sa.JSON)
