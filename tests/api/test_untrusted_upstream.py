@@ -145,9 +145,10 @@ def test_in_band_error_event_is_scrubbed_before_it_is_relayed(
     _assert_key_not_logged(relay)
 
 
-def test_error_in_a_2xx_answer_is_a_502_scrubbed(relay: Relay) -> None:
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_error_in_a_2xx_answer_is_a_502_scrubbed(relay: Relay, stream: bool) -> None:
     leaky = {"error": {"message": f"bad key {LEAKED_KEY}", "type": "x", "code": LEAKED_KEY}}
-    response = _post(relay, _chat(body=json.dumps(leaky)))
+    response = _post(relay, _chat(stream, body=json.dumps(leaky)))
 
     error = assert_openai_error(response, 502)
     assert error["message"] == "bad key ***"
@@ -235,7 +236,7 @@ def test_stream_over_max_response_bytes_ends_with_an_error(
     guarded: Relay, fake_upstream: FakeUpstream
 ) -> None:
     word = "y" * (MAX_EVENT_BYTES // 2) + " "
-    events = _stream(guarded, _chat(True, text=word * 40))
+    events = _stream(guarded, _chat(True, text=word * 40, delay=0.02))
 
     error = _ends_with_one_error(events)
     assert error["code"] == "upstream_response_too_large"

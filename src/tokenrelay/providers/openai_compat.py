@@ -203,9 +203,10 @@ class OpenAICompatibleProvider:
     async def open_stream(self, request: ProviderRequest) -> AsyncGenerator[bytes, None]:
         resp = await self._post(request)
         try:
-            self._check_content_type(resp, _EVENT_STREAM)
-            if resp.content_length == 0:
-                raise self._invalid("answered with an empty body")
+            await self._check_stream(resp)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            resp.close()
+            raise self._transport_error(exc) from None
         except BaseException:
             resp.close()
             raise
@@ -250,18 +251,27 @@ class OpenAICompatibleProvider:
             )
         if status < 200 or status in (204, 205):  # 101 Switching Protocols, No Content ...
             raise self._invalid(f"answered {status}, which is not an answer")
-        self._check_encoding(resp)
         if status >= 400:
-            body, _ = await self._read_capped(resp, _MAX_ERROR_BODY)
+            body = b""
+            if _identity(resp):  # a compressed message is left unread; the status still counts
+                body, _ = await self._read_capped(resp, _MAX_ERROR_BODY)
             raise self._error_from(status, body, resp.headers)
-
-    def _check_encoding(self, resp: aiohttp.ClientResponse) -> None:
-        encoding = resp.headers.get("Content-Encoding", "identity").strip().lower()
-        if encoding not in ("", "identity"):
+        if not _identity(resp):
+            encoding = self._scrubber.field(resp.headers.get("Content-Encoding"), 40)
             raise self._invalid(
-                f"answered with a compressed body ({self._scrubber.field(encoding, 40)}) "
-                "although tokenrelay asks for none"
+                f"answered with a compressed body ({encoding}) although tokenrelay asks for none"
             )
+
+    async def _check_stream(self, resp: aiohttp.ClientResponse) -> None:
+        """Raise unless ``resp`` (a 2xx) is an event stream with a body."""
+        if resp.content_type == _JSON:
+            # An error sent as a 2xx JSON body (some servers do): keep what it says.
+            body, _ = await self._read_capped(resp, _MAX_ERROR_BODY)
+            if b'"error"' in body:
+                raise self._error_from(502, body, resp.headers)
+        self._check_content_type(resp, _EVENT_STREAM)
+        if resp.content_length == 0:
+            raise self._invalid("answered with an empty body")
 
     def _check_content_type(self, resp: aiohttp.ClientResponse, expected: str) -> None:
         content_type = resp.content_type  # lower-cased, parameters dropped
@@ -360,6 +370,11 @@ class OpenAICompatibleProvider:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+def _identity(resp: aiohttp.ClientResponse) -> bool:
+    """Whether the body is sent as it is (tokenrelay never decompresses: see the docstring)."""
+    return resp.headers.get("Content-Encoding", "identity").strip().lower() in ("", "identity")
 
 
 def _card(model: str, owner: str) -> ModelCard:
