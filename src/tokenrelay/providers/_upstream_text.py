@@ -21,7 +21,8 @@ content never matches: a stream's chunks are parsed only when this test says the
 error."""
 
 _KEY_LIKE = re.compile(
-    r"\b(?:sk|rk|pk|gsk|xai)[-_][A-Za-z0-9_\-*.]{6,}"  # OpenAI, Anthropic, Groq, xAI ...
+    r"\b(?:sk|rk|pk)[-_][A-Za-z0-9_\-*.]{6,}"  # OpenAI (also masked: sk-proj-***abcd), Anthropic
+    r"|\b(?:gsk|xai)[-_][A-Za-z0-9]{20,}"  # Groq, xAI
     r"|\bhf_[A-Za-z0-9]{16,}"  # Hugging Face
     r"|\bAIza[A-Za-z0-9_\-]{20,}"  # Google
     r"|\bBearer\s+[A-Za-z0-9_\-.~+/*]{8,}=*",
