@@ -18,6 +18,32 @@ send through the openai SDK's ``extra_body`` and which tokenrelay forwards like 
 ``tool_calls``   answer with a function tool call instead of text
 ``finish_reason`` replaces the natural finish reason
 
+Misbehaviours, for testing that tokenrelay trusts nothing an upstream sends:
+
+``leak_everywhere`` with ``status`` or ``error_after``: the error quotes ``LEAKED_KEY`` in every
+                 field (message, type, param, code), not only in its message
+``error_after``  after that many content chunks, an in-band ``data: {"error": ...}`` event, then
+                 the body ends (no [DONE])
+``end_after``    end the body cleanly after that many content chunks: no last chunk, no [DONE]
+``no_done``      end the body after the last chunk (and usage) without ``data: [DONE]``, as some
+                 OpenAI-compatible servers do: a finished answer all the same
+``pings``        send that many ``: ping`` comments, ``delay`` apart, before the first chunk
+``event_bytes``  the first content chunk carries that many bytes of text, written in pieces of
+                 ``write_size`` bytes (default 16 KiB)
+``no_newline``   instead of an answer, that many bytes of one ``data:`` line that never ends,
+                 written ``write_size`` bytes at a time, ``delay`` apart, then the end of the body
+``gzip_bomb``    the 2xx answer is ~50 KB of gzip (``Content-Encoding: gzip``) inflating to 50 MB
+``redirect``     answer ``redirect_status`` (default 307) with this ``Location``
+``body``         answer 2xx with exactly this body (may be empty) and ``content_type``
+``raw``          write these exact bytes as the whole HTTP response, then hold the connection
+                 open until the client leaves (e.g. a ``101 Switching Protocols``)
+
+``GET .../models`` answers ``defaults["models_answer"]`` when set: ``"html"`` (a web page),
+``"garbage"`` (not JSON), ``"not_a_list"`` (``data`` is an object), ``"error"`` (a 500 quoting
+``LEAKED_KEY``) or ``"silent"`` (no answer for a minute); ``defaults["models_redirect"]`` makes
+it a 302 to that URL. ``GET .../secret`` answers
+``INTERNAL_SECRET``: a stand-in for an internal URL that a redirect may point at.
+
 A test that cannot put ``fake`` into the body, because tokenrelay builds the upstream request itself
 (the conversation API, the chat page, ``tokenrelay chat``), sets ``FakeUpstream.defaults`` instead:
 those options apply to every request, under whatever the request's own ``fake`` object says.
@@ -31,6 +57,8 @@ done with it, its outcome: ``"completed"``, ``"abandoned"`` (the client went awa
 from __future__ import annotations
 
 import asyncio
+import functools
+import gzip
 import itertools
 import json
 import re
@@ -46,6 +74,7 @@ from aiohttp import web
 
 __all__ = [
     "DEFAULT_MODELS",
+    "INTERNAL_SECRET",
     "LEAKED_KEY",
     "TOOL_ARGUMENTS",
     "TOOL_NAME",
@@ -57,6 +86,9 @@ __all__ = [
 
 LEAKED_KEY = "sk-fake-upstream-secret-1234"
 """Quoted in every error message, the way OpenAI quotes a rejected key, to test scrubbing."""
+
+INTERNAL_SECRET = "internal-only-3f9a"
+"""What ``GET .../secret`` answers: text that must never reach a client through a redirect."""
 
 DEFAULT_MODELS = ("fake-model", "fake-other")
 TOOL_NAME = "get_weather"
@@ -149,6 +181,20 @@ class _Behaviour:
     message: str | None = None
     tool_calls: bool = False
     finish_reason: str | None = None
+    leak_everywhere: bool = False
+    error_after: int | None = None
+    end_after: int | None = None
+    no_done: bool = False
+    pings: int = 0
+    event_bytes: int | None = None
+    no_newline: int | None = None
+    write_size: int = 16 * 1024
+    gzip_bomb: bool = False
+    redirect: str | None = None
+    redirect_status: int = 307
+    body: str | None = None
+    content_type: str = "application/json"
+    raw: str | None = None
 
     @classmethod
     def from_body(cls, body: dict[str, Any], defaults: dict[str, Any] | None = None) -> _Behaviour:
@@ -174,6 +220,20 @@ class _Behaviour:
             message=_optional_str(options, "message"),
             tool_calls=_flag(options, "tool_calls"),
             finish_reason=_optional_str(options, "finish_reason"),
+            leak_everywhere=_flag(options, "leak_everywhere"),
+            error_after=_number(options, "error_after", int, None, minimum=0),
+            end_after=_number(options, "end_after", int, None, minimum=0),
+            no_done=_flag(options, "no_done"),
+            pings=_number(options, "pings", int, 0, minimum=0),
+            event_bytes=_number(options, "event_bytes", int, None, minimum=0, maximum=_MANY),
+            no_newline=_number(options, "no_newline", int, None, minimum=0, maximum=_MANY),
+            write_size=_number(options, "write_size", int, 16 * 1024, minimum=1, maximum=_MANY),
+            gzip_bomb=_flag(options, "gzip_bomb"),
+            redirect=_optional_str(options, "redirect"),
+            redirect_status=_number(options, "redirect_status", int, 307, minimum=300),
+            body=_optional_str(options, "body"),
+            content_type=_optional_str(options, "content_type") or "application/json",
+            raw=_optional_str(options, "raw"),
         )
 
     @property
@@ -191,6 +251,7 @@ def _number(
     default: float | None,
     *,
     minimum: float,
+    maximum: float = 10_000,
 ) -> Any:
     value = options.get(name, default)
     if value is None:
@@ -200,7 +261,7 @@ def _number(
         raise _BadRequest(f"`fake.{name}` must be a number")
     if kind is int and not isinstance(value, int):
         raise _BadRequest(f"`fake.{name}` must be an integer")
-    if not minimum <= value <= 10_000:
+    if not minimum <= value <= maximum:
         raise _BadRequest(f"`fake.{name}` is out of range")
     return kind(value)
 
@@ -223,6 +284,16 @@ def _flag(options: dict[str, Any], name: str) -> bool:
     return value
 
 
+_MANY = 256 * 1024 * 1024
+"""The largest byte count a misbehaviour option accepts."""
+
+
+@functools.cache
+def _gzip_bomb() -> bytes:
+    """~50 KB of gzip that inflates to 50 MB of zeros."""
+    return gzip.compress(bytes(50 * 1024 * 1024), compresslevel=9)
+
+
 def _words(value: Any) -> int:
     """Whitespace-separated words in any text found in a prompt or a message list."""
     if isinstance(value, str):
@@ -241,6 +312,26 @@ def _dumps(payload: Any) -> bytes:
 
 def _event(payload: Any) -> bytes:
     return b"data: " + _dumps(payload) + b"\n\n"
+
+
+def _padded(payload: dict[str, Any], size: int) -> dict[str, Any]:
+    """``payload`` (a content chunk) with its text padded to about ``size`` bytes."""
+    choice = payload["choices"][0]
+    if "delta" in choice:
+        choice["delta"] = {**choice["delta"], "content": "x" * size}
+    else:
+        choice["text"] = "x" * size
+    return payload
+
+
+def _leaky_error(message: str) -> dict[str, Any]:
+    """An error whose every field quotes ``LEAKED_KEY``."""
+    return {
+        "message": message if LEAKED_KEY in message else f"{message} ({LEAKED_KEY})",
+        "type": f"invalid_key_{LEAKED_KEY}",
+        "param": f"key={LEAKED_KEY}",
+        "code": f"bad_{LEAKED_KEY}",
+    }
 
 
 def _error_response(
@@ -413,7 +504,9 @@ class FakeUpstream:
     async def _answer(self, request: web.Request, record: RecordedRequest) -> web.StreamResponse:
         path = request.path.rstrip("/")
         if request.method == "GET" and path.endswith("/models"):
-            return self._models()
+            return await self._models()
+        if request.method == "GET" and path.endswith("/secret"):
+            return web.Response(text=INTERNAL_SECRET)
         if request.method != "POST" or not path.endswith("/completions"):
             return _error_response(
                 404, f"Unknown request URL: {request.method} {request.path}.", code="unknown_url"
@@ -430,8 +523,26 @@ class FakeUpstream:
             return _error_response(400, str(exc))
         if behaviour.headers_delay:
             await asyncio.sleep(behaviour.headers_delay)
+        if behaviour.raw is not None:
+            return await self._raw(request, record, behaviour.raw.encode())
+        if behaviour.redirect is not None:
+            return web.Response(
+                status=behaviour.redirect_status,
+                headers={"Location": behaviour.redirect},
+                text=f"Redirecting to {behaviour.redirect}",
+            )
         if behaviour.status is not None:
             return self._failure(behaviour)
+        if behaviour.body is not None:
+            return web.Response(
+                body=behaviour.body.encode(), headers={"Content-Type": behaviour.content_type}
+            )
+        if behaviour.gzip_bomb:
+            content_type = "text/event-stream" if record.stream else "application/json"
+            return web.Response(
+                body=_gzip_bomb(),
+                headers={"Content-Type": content_type, "Content-Encoding": "gzip"},
+            )
         chat = path.endswith("/chat/completions")
         if record.stream:
             return await self._stream(request, record, behaviour, chat=chat)
@@ -442,7 +553,20 @@ class FakeUpstream:
             content_type="application/json",
         )
 
-    def _models(self) -> web.Response:
+    async def _models(self) -> web.Response:
+        broken = self.defaults.get("models_answer")
+        if redirect := self.defaults.get("models_redirect"):
+            return web.Response(status=302, headers={"Location": redirect})
+        if broken == "html":
+            return web.Response(text="<html><body>Sign in</body></html>", content_type="text/html")
+        if broken == "garbage":
+            return web.Response(text='{"data": [{"id": ', content_type="application/json")
+        if broken == "not_a_list":
+            return web.json_response({"object": "list", "data": {"id": "fake-model"}})
+        if broken == "error":
+            return _error_response(500, f"Models unavailable for key {LEAKED_KEY}.")
+        if broken == "silent":
+            await asyncio.sleep(60)
         created = int(time.time())
         data = [
             {"id": model, "object": "model", "created": created, "owned_by": "fake"}
@@ -455,7 +579,21 @@ class FakeUpstream:
         type, code, template = _ERRORS.get(behaviour.status, _ERRORS[500])
         message = behaviour.message or template.format(key=LEAKED_KEY)
         headers = {"Retry-After": behaviour.retry_after} if behaviour.retry_after else None
+        if behaviour.leak_everywhere:
+            return web.json_response(
+                {"error": _leaky_error(message)}, status=behaviour.status, headers=headers
+            )
         return _error_response(behaviour.status, message, type=type, code=code, headers=headers)
+
+    async def _raw(self, request: web.Request, record: RecordedRequest, raw: bytes) -> web.Response:
+        """Write ``raw`` as the whole response, then hold the connection until the client leaves."""
+        transport = request.transport
+        assert transport is not None
+        transport.write(raw)
+        record.sent += raw
+        await asyncio.sleep(60)  # cancelled (recorded "abandoned") when the client closes
+        transport.abort()
+        raise asyncio.CancelledError
 
     # -- answer shapes -----------------------------------------------------------------------
 
@@ -574,6 +712,17 @@ class FakeUpstream:
 
         if behaviour.first_delay:
             await asyncio.sleep(behaviour.first_delay)
+        for ping in range(behaviour.pings):
+            if ping and behaviour.delay:
+                await asyncio.sleep(behaviour.delay)
+            await write(b": ping\n\n")
+        if behaviour.no_newline is not None:
+            await write(b"data: ")
+            await self._write_in_pieces(
+                write, b"x" * behaviour.no_newline, behaviour.write_size, behaviour.delay
+            )
+            await response.write_eof()
+            return response
 
         def chunk(choice: dict[str, Any]) -> dict[str, Any]:
             payload: dict[str, Any] = {
@@ -611,13 +760,21 @@ class FakeUpstream:
         for payload, content in events:
             if behaviour.fail_after is not None and content and sent >= behaviour.fail_after:
                 return self._abort(request, record)
+            if content and sent in (behaviour.end_after, behaviour.error_after):
+                return await self._end_early(response, write, behaviour)
             if behaviour.delay and not first:
                 await asyncio.sleep(behaviour.delay)
             first = False
-            await write(_event(payload))
+            if content and sent == 0 and behaviour.event_bytes is not None:
+                padded = _event(_padded(payload, behaviour.event_bytes))
+                await self._write_in_pieces(write, padded, behaviour.write_size)
+            else:
+                await write(_event(payload))
             sent += content
         if behaviour.fail_after is not None and sent >= behaviour.fail_after:
             return self._abort(request, record)
+        if sent in (behaviour.end_after, behaviour.error_after):
+            return await self._end_early(response, write, behaviour)
 
         if behaviour.delay and not first:
             await asyncio.sleep(behaviour.delay)
@@ -632,7 +789,30 @@ class FakeUpstream:
             usage_chunk["choices"] = []
             usage_chunk["usage"] = self._usage(body, behaviour, chat=chat)
             await write(_event(usage_chunk))
-        await write(b"data: [DONE]\n\n")
+        if not behaviour.no_done:
+            await write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+    @staticmethod
+    async def _write_in_pieces(write: Any, data: bytes, size: int, delay: float = 0.0) -> None:
+        for start in range(0, len(data), size):
+            await write(data[start : start + size])
+            # Let the event loop send it: the peer gets many small reads, not one big one.
+            await asyncio.sleep(delay)
+
+    @staticmethod
+    async def _end_early(
+        response: web.StreamResponse, write: Any, behaviour: _Behaviour
+    ) -> web.StreamResponse:
+        """End a stream cleanly but unfinished: ``end_after``, or ``error_after``'s error event."""
+        if behaviour.error_after is not None:
+            message = behaviour.message or f"The server had an error (key {LEAKED_KEY})."
+            if behaviour.leak_everywhere:
+                error: dict[str, Any] = _leaky_error(message)
+            else:
+                error = {"message": message, "type": "server_error", "param": None, "code": None}
+            await write(_event({"error": error}))
         await response.write_eof()
         return response
 

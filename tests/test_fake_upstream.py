@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import time
 from typing import Any
@@ -10,7 +11,14 @@ import httpx
 import openai
 import pytest
 
-from fake_upstream import LEAKED_KEY, TOOL_ARGUMENTS, TOOL_NAME, FakeUpstream, expected_text
+from fake_upstream import (
+    INTERNAL_SECRET,
+    LEAKED_KEY,
+    TOOL_ARGUMENTS,
+    TOOL_NAME,
+    FakeUpstream,
+    expected_text,
+)
 
 
 def _events(raw: str) -> list[str]:
@@ -260,3 +268,83 @@ def test_text_set_in_defaults_replaces_tokens(fake_upstream: FakeUpstream) -> No
     assert '"content":"two "' in raw
     assert "three" not in raw
     assert fake_upstream.last_request().wait_for_outcome(5) == "failed"
+
+
+# -- misbehaviours: each must really happen, or the tests that rely on it prove nothing ----------
+
+
+def _raw_stream(fake_upstream: FakeUpstream, **fake: Any) -> httpx.Response:
+    body = _chat(fake, stream=True)
+    return httpx.post(f"{fake_upstream.base_url}/chat/completions", json=body, timeout=30)
+
+
+def test_end_after_ends_cleanly_with_no_finish_and_no_done(fake_upstream: FakeUpstream) -> None:
+    response = _raw_stream(fake_upstream, tokens=5, end_after=2)
+
+    assert response.status_code == 200
+    assert '"content":"word1 "' in response.text
+    assert "word2" not in response.text
+    assert '"finish_reason":"stop"' not in response.text
+    assert "[DONE]" not in response.text
+
+
+def test_error_after_sends_an_in_band_error_quoting_the_key_everywhere(
+    fake_upstream: FakeUpstream,
+) -> None:
+    response = _raw_stream(fake_upstream, tokens=5, error_after=1, leak_everywhere=True)
+
+    events = _events(response.text)
+    error = json.loads(events[-1])["error"]
+    assert all(LEAKED_KEY in error[field] for field in ("message", "type", "param", "code"))
+    assert "word1" not in response.text
+
+
+def test_pings_come_before_the_first_chunk(fake_upstream: FakeUpstream) -> None:
+    response = _raw_stream(fake_upstream, tokens=1, pings=3)
+
+    assert response.text.startswith(": ping\n\n" * 3 + "data: ")
+
+
+def test_event_bytes_and_no_newline_send_what_they_say(fake_upstream: FakeUpstream) -> None:
+    big = _raw_stream(fake_upstream, tokens=2, event_bytes=100_000)
+    content = json.loads(_events(big.text)[1])["choices"][0]["delta"]["content"]
+    assert content == "x" * 100_000
+
+    endless = _raw_stream(fake_upstream, no_newline=100_000, write_size=1000)
+    assert endless.content == b"data: " + b"x" * 100_000
+
+
+def test_gzip_bomb_inflates_a_thousandfold(fake_upstream: FakeUpstream) -> None:
+    url = f"{fake_upstream.base_url}/chat/completions"
+    with httpx.stream("POST", url, json=_chat({"gzip_bomb": True})) as response:
+        compressed = b"".join(response.iter_raw())
+    assert response.headers["content-encoding"] == "gzip"
+    assert len(compressed) < 100_000
+    assert len(gzip.decompress(compressed)) == 50 * 1024 * 1024
+
+
+def test_redirect_body_and_raw_answers(fake_upstream: FakeUpstream) -> None:
+    url = f"{fake_upstream.base_url}/chat/completions"
+    moved = httpx.post(url, json=_chat({"redirect": "http://example.invalid/x"}))
+    assert moved.status_code == 307
+    assert moved.headers["location"] == "http://example.invalid/x"
+
+    page = httpx.post(url, json=_chat({"body": "<html></html>", "content_type": "text/html"}))
+    assert (page.status_code, page.text) == (200, "<html></html>")
+    assert page.headers["content-type"] == "text/html"
+
+    raw = "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Type: text/plain\r\n\r\nhi"
+    assert httpx.post(url, json=_chat({"raw": raw})).text == "hi"
+    assert httpx.get(f"{fake_upstream.base_url}/secret").text == INTERNAL_SECRET
+
+
+@pytest.mark.parametrize("kind", ["html", "garbage", "not_a_list", "error"])
+def test_models_answer_breaks_the_model_list(fake_upstream: FakeUpstream, kind: str) -> None:
+    fake_upstream.defaults = {"models_answer": kind}
+    response = httpx.get(f"{fake_upstream.base_url}/models")
+
+    try:
+        listed = response.json()["data"]
+    except (ValueError, KeyError):
+        listed = None
+    assert not isinstance(listed, list) or response.status_code != 200

@@ -7,7 +7,7 @@ conversations) parse them, and only the ``data:`` lines, with orjson.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -36,17 +36,31 @@ def iter_data(events: bytes) -> Iterator[dict[str, Any]]:
 
 @dataclass
 class ChunkSummary:
-    """What a stream said so far: text, finish reason and usage, built up chunk by chunk."""
+    """What a stream said so far: text, finish reason and usage, built up chunk by chunk.
 
-    text: str = ""
+    The text is kept as pieces and joined when read, so that a long answer costs linear time
+    (``str +=`` on an attribute copies the whole text at every chunk).
+    """
+
     finish_reason: str | None = None
     usage: dict[str, Any] | None = None
+    _pieces: list[str] = field(default_factory=list, repr=False)
+
+    @property
+    def text(self) -> str:
+        """The whole text so far."""
+        pieces = self._pieces
+        if len(pieces) > 1:
+            pieces[:] = ["".join(pieces)]
+        return pieces[0] if pieces else ""
 
     def feed(self, events: bytes) -> str:
-        """Take whole events; return the text they added. Raises ``StreamError`` on an error."""
-        added = []
+        """Take whole events; return the text they added. Raises ``StreamError`` on an error,
+        after keeping the text of the events before it."""
+        added: list[str] = []
         for data in iter_data(events):
             if "error" in data:
+                self._pieces.extend(added)
                 error = data["error"]
                 raise StreamError(error if isinstance(error, dict) else {"message": str(error)})
             if data.get("usage"):
@@ -59,5 +73,6 @@ class ChunkSummary:
                 if choice.get("finish_reason"):
                     self.finish_reason = choice["finish_reason"]
         text = "".join(added)
-        self.text += text
+        if text:
+            self._pieces.append(text)
         return text

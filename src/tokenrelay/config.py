@@ -47,7 +47,28 @@ class ProviderSettings(BaseModel):
     )
     connect_timeout: float = Field(default=10.0, gt=0, description="Seconds to connect.")
     read_timeout: float = Field(
-        default=300.0, gt=0, description="Seconds the upstream may stay silent before we give up."
+        default=300.0,
+        gt=0,
+        description="Seconds the upstream may go without sending data before we give up; "
+        "comments such as `: ping` do not count as data.",
+    )
+    max_request_seconds: float = Field(
+        default=1800.0,
+        gt=0,
+        description="Seconds one answer may take in all, streamed or not; a longer one ends "
+        "with an error (504 before the first byte, an error event after).",
+    )
+    max_event_bytes: int = Field(
+        default=1024 * 1024,
+        ge=1024,
+        description="Bytes one streamed event may have; a larger one ends the stream with an "
+        "error. Real events are a few hundred bytes, a few KiB with logprobs.",
+    )
+    max_response_bytes: int = Field(
+        default=256 * 1024 * 1024,
+        ge=1024,
+        description="Bytes one answer may have, a whole JSON body or a whole stream; "
+        "a larger one is a 502 (or an error event once streaming).",
     )
     max_connections: int = Field(default=1000, ge=1, description="Pooled connections at most.")
     context_window: int = Field(

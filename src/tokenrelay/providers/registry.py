@@ -68,10 +68,21 @@ class ProviderRegistry:
         return str(models[0]["id"])
 
     async def list_models(self) -> list[ModelCard]:
-        listed = await asyncio.gather(*(p.list_models() for p in self.providers))
+        """Every provider's models, first listing first; a provider that fails is skipped."""
+        listed = await asyncio.gather(
+            *(p.list_models() for p in self.providers), return_exceptions=True
+        )
         seen: set[str] = set()
         union: list[ModelCard] = []
-        for cards in listed:
+        for provider, cards in zip(self.providers, listed, strict=True):
+            if isinstance(cards, BaseException):
+                if not isinstance(cards, Exception):  # cancellation: not a provider's fault
+                    raise cards
+                # Only the type: the text of an unexpected error may quote what the upstream sent.
+                logger.warning(
+                    "provider %s: could not list models (%s)", provider.name, type(cards).__name__
+                )
+                continue
             for card in cards:
                 if card["id"] not in seen:
                     seen.add(card["id"])
