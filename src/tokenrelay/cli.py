@@ -49,6 +49,10 @@ def serve(host: str | None, port: int | None, workers: int, reload: bool) -> Non
 
     from tokenrelay.config import Settings
 
+    if host is not None:
+        # Through the environment, so each worker's app knows the name it is bound to (the
+        # request guards answer to it).
+        os.environ["TOKENRELAY_HOST"] = host
     settings = Settings()
     if settings.local.enabled and settings.local.load == "eager":
         from tokenrelay.errors import TokenrelayError
@@ -61,7 +65,7 @@ def serve(host: str | None, port: int | None, workers: int, reload: bool) -> Non
     uvicorn.run(
         "tokenrelay.app:create_app",
         factory=True,
-        host=host or settings.host,
+        host=settings.host,
         port=settings.port if port is None else port,
         workers=None if reload else workers,
         reload=reload,

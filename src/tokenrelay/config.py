@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import AliasChoices, BaseModel, Field, SecretStr
+from pydantic import AliasChoices, BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
@@ -138,6 +139,55 @@ class Settings(BaseSettings):
     ping_interval: float = Field(
         default=15.0, gt=0, description="Seconds of silence before a `: ping` comment is sent."
     )
+
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Host names requests may address (the `Host` header) besides the loopback "
+        "names and the address a connection arrived at; `*` allows any. Comma-separated in the "
+        "environment.",
+    )
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Web origins (`https://app.example.com`) whose pages may call the API from "
+        "a browser; no wildcard. Comma-separated in the environment.",
+    )
+
+    @field_validator("allowed_hosts", mode="before")
+    @classmethod
+    def _host_names(cls, value: object) -> object:
+        """``a.example, [::1]`` -> ``["a.example", "::1"]``: lowercase, no brackets, no port."""
+        names = value.split(",") if isinstance(value, str) else value
+        if not isinstance(names, list):
+            return names
+        hosts = []
+        for name in names:
+            name = str(name).strip().lower()
+            if name.startswith("[") and name.endswith("]"):
+                name = name[1:-1]
+            if name:
+                hosts.append(name)
+        return hosts
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _origins(cls, value: object) -> object:
+        """Origins as browsers send them: ``scheme://host[:port]``, lowercase, no slash."""
+        origins = value.split(",") if isinstance(value, str) else value
+        if not isinstance(origins, list):
+            return origins
+        cleaned = []
+        for origin in origins:
+            origin = str(origin).strip().lower().rstrip("/")
+            if not origin:
+                continue
+            if origin == "*" or "*" in origin:
+                raise ValueError("cors_origins takes named origins only, never a wildcard")
+            scheme, sep, rest = origin.partition("://")
+            if scheme not in ("http", "https") or not sep or not rest or "/" in rest:
+                raise ValueError(f"{origin!r} is not an origin like https://app.example.com")
+            # Browsers leave the scheme's default port out of `Origin`.
+            cleaned.append(origin.removesuffix(":443" if scheme == "https" else ":80"))
+        return cleaned
 
     @classmethod
     def settings_customise_sources(

@@ -11,6 +11,8 @@ __all__ = [
     "InvalidRequest",
     "ModelNotFound",
     "RequestTooLarge",
+    "Forbidden",
+    "UnsupportedMediaType",
     "RateLimited",
     "UpstreamError",
     "UpstreamUnavailable",
@@ -73,6 +75,19 @@ class RequestTooLarge(TokenrelayError):
     status = 413
     type = "invalid_request_error"
     code = "request_too_large"
+
+
+class Forbidden(TokenrelayError):
+    """Refused by a request guard: a foreign ``Host`` or ``Origin``, or a cross-site request."""
+
+    status = 403
+    type = "invalid_request_error"
+
+
+class UnsupportedMediaType(TokenrelayError):
+    status = 415
+    type = "invalid_request_error"
+    code = "unsupported_media_type"
 
 
 class RateLimited(TokenrelayError):
