@@ -48,6 +48,7 @@ def serve(host: str | None, port: int | None, workers: int, reload: bool) -> Non
     import uvicorn
 
     from tokenrelay.config import Settings
+    from tokenrelay.server import uvicorn_options
 
     if host is not None:
         # Through the environment, so each worker's app knows the name it is bound to (the
@@ -74,6 +75,7 @@ def serve(host: str | None, port: int | None, workers: int, reload: bool) -> Non
         # Measured in bench/: per-response headers nobody needs cost CPU on every request.
         server_header=False,
         date_header=False,
+        **uvicorn_options(settings),
     )
 
 

@@ -151,6 +151,18 @@ class Settings(BaseSettings):
         description="Web origins (`https://app.example.com`) whose pages may call the API from "
         "a browser; no wildcard. Comma-separated in the environment.",
     )
+    header_timeout: float = Field(
+        default=10.0, gt=0, description="Seconds a client has to send a request's headers."
+    )
+    body_timeout: float = Field(
+        default=30.0, gt=0, description="Seconds a client has to send a request's body."
+    )
+    keep_alive_timeout: float = Field(
+        default=5.0, gt=0, description="Seconds an idle connection is kept open between requests."
+    )
+    max_connections: int = Field(
+        default=1000, ge=1, description="Open connections (and requests) at most; more get 503."
+    )
 
     @field_validator("allowed_hosts", mode="before")
     @classmethod

@@ -13,6 +13,7 @@ __all__ = [
     "RequestTooLarge",
     "Forbidden",
     "UnsupportedMediaType",
+    "ClientGone",
     "RateLimited",
     "UpstreamError",
     "UpstreamUnavailable",
@@ -88,6 +89,15 @@ class UnsupportedMediaType(TokenrelayError):
     status = 415
     type = "invalid_request_error"
     code = "unsupported_media_type"
+
+
+class ClientGone(TokenrelayError):
+    """The client left before its request body arrived: nobody is there to answer, and that is
+    no error of ours (499 is nginx's "client closed request"; the response is never sent)."""
+
+    status = 499
+    type = "invalid_request_error"
+    code = "client_closed_request"
 
 
 class RateLimited(TokenrelayError):

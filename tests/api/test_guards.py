@@ -1,13 +1,16 @@
-"""The request guards (``api/guards.py``).
+"""The request guards (``api/guards.py``) and the server's read timeouts (``server.py``).
 
 Every test talks to a real ``tokenrelay serve`` over sockets, with the headers a browser would
 send: a web page the user visits must not be able to drive the gateway, whether it reaches it
-across origins or after a DNS rebinding under a name of its own.
+across origins or after a DNS rebinding under a name of its own. Slow clients are raw sockets
+that send their requests too slowly, or not at all.
 """
 
 from __future__ import annotations
 
 import json
+import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -295,3 +298,140 @@ def test_a_body_not_declared_json_is_a_415(api: httpx.Client, fake_upstream: Fak
         assert len(stream_chunks(again)) >= 2
     stopped = api.post(f"/api/conversations/{conversation}/stop")
     assert stopped.status_code == 200, stopped.text
+
+
+# -- slow and idle clients ----------------------------------------------------------------------
+
+HEADER_TIMEOUT = 1.0
+BODY_TIMEOUT = 1.5
+KEEP_ALIVE = 1.0
+SLACK = 3.0
+"""Seconds a timed-out connection may take beyond its timeout to be closed, on a busy machine."""
+
+
+@pytest.fixture(scope="module")
+def impatient(
+    fake_upstream: FakeUpstream, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Relay]:
+    env = {
+        "TOKENRELAY_HEADER_TIMEOUT": str(HEADER_TIMEOUT),
+        "TOKENRELAY_BODY_TIMEOUT": str(BODY_TIMEOUT),
+        "TOKENRELAY_KEEP_ALIVE_TIMEOUT": str(KEEP_ALIVE),
+    }
+    with relay_to(fake_upstream, tmp_path_factory.mktemp("impatient"), env=env) as relay:
+        yield relay
+
+
+def _connect(relay: Relay) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", _port(relay)), timeout=30)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def _seconds_until_closed(sock: socket.socket, *, pace: bytes = b"", every: float = 0.0) -> float:
+    """Read (and, if ``pace`` is given, send ``pace`` every ``every`` s) until the server closes
+    the connection; the seconds that took. Whatever the server sends is read and ignored."""
+    start = time.monotonic()
+    deadline = start + 20
+    sock.settimeout(every or 20)
+    while time.monotonic() < deadline:
+        try:
+            if not sock.recv(65536):
+                return time.monotonic() - start
+        except TimeoutError:
+            pass
+        except ConnectionResetError:
+            return time.monotonic() - start
+        if pace:
+            try:
+                sock.sendall(pace)
+            except (BrokenPipeError, ConnectionResetError):
+                return time.monotonic() - start
+    pytest.fail("the server kept the connection open")
+
+
+def _assert_no_error_logged(relay: Relay) -> None:
+    log = relay.log_text()
+    assert "Traceback" not in log, log
+    assert "ERROR" not in log, log
+
+
+def test_a_client_that_sends_nothing_is_disconnected(impatient: Relay) -> None:
+    with _connect(impatient) as sock:
+        assert HEADER_TIMEOUT * 0.8 < _seconds_until_closed(sock) < HEADER_TIMEOUT + SLACK
+
+
+def test_headers_sent_a_line_at_a_time_are_cut_off(impatient: Relay) -> None:
+    with _connect(impatient) as sock:
+        sock.sendall(f"GET /health HTTP/1.1\r\nHost: 127.0.0.1:{_port(impatient)}\r\n".encode())
+        # One header line every 0.3 s: each arrives well within any idle timeout, but the
+        # headers never end.
+        took = _seconds_until_closed(sock, pace=b"X-Slow: 1\r\n", every=0.3)
+        assert HEADER_TIMEOUT * 0.8 < took < HEADER_TIMEOUT + SLACK
+
+
+def test_a_body_that_stops_arriving_is_cut_off_without_an_error(impatient: Relay) -> None:
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{_port(impatient)}\r\n"
+        "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+    )
+    with _connect(impatient) as sock:
+        sock.sendall(head.encode() + b'{"model": "fake-model", ')
+        took = _seconds_until_closed(sock, pace=b" ", every=0.3)
+        assert BODY_TIMEOUT * 0.8 < took < BODY_TIMEOUT + SLACK
+    _assert_answered(impatient)
+    _assert_no_error_logged(impatient)
+
+
+def test_an_idle_keep_alive_connection_is_closed(impatient: Relay) -> None:
+    with _connect(impatient) as sock:
+        sock.sendall(f"GET /health HTTP/1.1\r\nHost: 127.0.0.1:{_port(impatient)}\r\n\r\n".encode())
+        assert _seconds_until_closed(sock) < KEEP_ALIVE + SLACK
+
+
+def _assert_answered(relay: Relay) -> None:
+    """One more request, answered: the server is well, and has handled what came before."""
+    assert httpx.get(f"{relay.url}/health", timeout=30).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "path", ["/v1/chat/completions", "/api/conversations", "/api/conversations/conv_x/messages"]
+)
+def test_a_client_leaving_mid_body_is_not_an_error(
+    impatient: Relay, fake_upstream: FakeUpstream, path: str
+) -> None:
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{_port(impatient)}\r\n"
+        "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+    )
+    with _connect(impatient) as sock:
+        sock.sendall(head.encode() + b'{"model": ')
+    _assert_answered(impatient)
+    _assert_no_error_logged(impatient)
+    assert fake_upstream.requests == []
+
+
+def test_connections_over_the_cap_are_refused(fake_upstream: FakeUpstream, tmp_path: Path) -> None:
+    env = {"TOKENRELAY_MAX_CONNECTIONS": "2", "TOKENRELAY_KEEP_ALIVE_TIMEOUT": "30"}
+    with relay_to(fake_upstream, tmp_path, env=env) as relay:
+        request = f"GET /health HTTP/1.1\r\nHost: 127.0.0.1:{_port(relay)}\r\n\r\n".encode()
+
+        def status_on_a_new_connection() -> bytes:
+            with _connect(relay) as sock:
+                sock.sendall(request)
+                return sock.recv(65536).split(b"\r\n", 1)[0]
+
+        held = [_connect(relay), _connect(relay)]
+        try:
+            for sock in held:
+                sock.sendall(request)
+                assert sock.recv(65536).startswith(b"HTTP/1.1 200 OK")
+            assert status_on_a_new_connection() == b"HTTP/1.1 503 Service Unavailable"
+            held.pop().close()
+            # Served again once the server has noticed that one connection close.
+            deadline = time.monotonic() + 10
+            while (status := status_on_a_new_connection()) != b"HTTP/1.1 200 OK":
+                assert time.monotonic() < deadline, status
+        finally:
+            for sock in held:
+                sock.close()

@@ -1,4 +1,5 @@
-"""Refuse request bodies over the configured size with 413, before anything reads them whole."""
+"""The request body's guard: refused with 413 over the configured size, before anything reads it
+whole, and a client that leaves before sending all of it is no error (``ClientGone``)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from starlette.responses import Response
 from starlette.types import Message, Receive
 
 from tokenrelay.api.guards import Incoming
-from tokenrelay.errors import RequestTooLarge
+from tokenrelay.errors import ClientGone, RequestTooLarge
 
 __all__ = ["BodySizeLimit"]
 
@@ -44,6 +45,10 @@ class BodySizeLimit:
                     # Raised to whoever reads the body (``read_body``), mapped like any error.
                     raise self._error()
                 whole = not message.get("more_body", False)
+            elif message["type"] == "http.disconnect":
+                # The client left (or was cut off by ``body_timeout``) mid-body: its reader
+                # gets an error that is answered to nobody and logged as nothing.
+                raise ClientGone("The client left before sending the whole request body.")
             return message
 
         return bounded_receive
