@@ -8,6 +8,7 @@ providers are listed (see ``docs/configuration.md``).
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Annotated, Literal
@@ -24,6 +25,15 @@ from pydantic_settings import (
 __all__ = ["ProviderSettings", "LocalModelSettings", "Settings", "CONFIG_ENV"]
 
 CONFIG_ENV = "TOKENRELAY_CONFIG"
+
+
+def _listed(value: object) -> object:
+    """A list setting from the environment: comma-separated, or a JSON array."""
+    if not isinstance(value, str):
+        return value
+    if value.lstrip().startswith("["):
+        return json.loads(value)
+    return value.split(",")
 
 
 class ProviderSettings(BaseModel):
@@ -168,7 +178,7 @@ class Settings(BaseSettings):
     @classmethod
     def _host_names(cls, value: object) -> object:
         """``a.example, [::1]`` -> ``["a.example", "::1"]``: lowercase, no brackets, no port."""
-        names = value.split(",") if isinstance(value, str) else value
+        names = _listed(value)
         if not isinstance(names, list):
             return names
         hosts = []
@@ -184,7 +194,7 @@ class Settings(BaseSettings):
     @classmethod
     def _origins(cls, value: object) -> object:
         """Origins as browsers send them: ``scheme://host[:port]``, lowercase, no slash."""
-        origins = value.split(",") if isinstance(value, str) else value
+        origins = _listed(value)
         if not isinstance(origins, list):
             return origins
         cleaned = []
