@@ -37,6 +37,8 @@ __all__ = ["Tally", "run", "main"]
 # The first event whose delta carries some text; tolerant of re-encoded JSON (spaces after ':').
 _FIRST_CONTENT = re.compile(rb'"content"\s*:\s*"(?!")')
 _MAX_ERROR_SAMPLES = 5
+_JSON = {"Content-Type": "application/json"}
+"""tokenrelay refuses bodies not declared JSON (aiohttp would declare bytes octet-stream)."""
 
 
 @dataclass
@@ -125,7 +127,7 @@ async def _one(
     ttft: float | None = None
     start = time.perf_counter()
     try:
-        async with session.post(url, data=body) as response:
+        async with session.post(url, data=body, headers=_JSON) as response:
             if response.status != 200:
                 detail = (await response.read())[:120]
                 if tally is not None:

@@ -133,11 +133,13 @@ def start_tokenrelay(
     *,
     config_toml: str | None = None,
     env: dict[str, str] | None = None,
+    host: str = "127.0.0.1",
 ) -> Iterator[Relay]:
     """Run ``python -m tokenrelay serve`` on a free port until the block ends.
 
     Returns once ``GET /health`` answers 200; the server gets a fresh SQLite file in
-    ``tmp_path`` and only the configuration given here.
+    ``tmp_path`` and only the configuration given here. ``host`` is the address it binds
+    (``0.0.0.0`` for all); the tests reach it at 127.0.0.1 either way.
     """
     tmp_path.mkdir(parents=True, exist_ok=True)
     port = _free_port()
@@ -149,7 +151,7 @@ def start_tokenrelay(
         config_path.write_text(config_toml)
         settings["TOKENRELAY_CONFIG"] = str(config_path)
     log_path = tmp_path / f"tokenrelay-{port}.log"
-    command = [sys.executable, "-m", "tokenrelay", "serve", "--host", "127.0.0.1"]
+    command = [sys.executable, "-m", "tokenrelay", "serve", "--host", host]
     command += ["--port", str(port)]
     with log_path.open("wb") as log:
         proc = subprocess.Popen(

@@ -17,6 +17,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from tokenrelay import __version__
 from tokenrelay.api import ask, conversations, openai_routes
 from tokenrelay.api.errors import install_error_handlers
+from tokenrelay.api.guards import AllowedHosts, CrossSiteRequests, Guard, Guarded, JsonBodies
 from tokenrelay.api.limits import BodySizeLimit
 from tokenrelay.api.sse import RAW_SEND
 from tokenrelay.config import Settings
@@ -38,6 +39,16 @@ _PAGE_HEADERS = {
     "form-action 'none'; frame-ancestors 'none'",
     "X-Content-Type-Options": "nosniff",
 }
+
+
+def request_guards(settings: Settings) -> list[Guard]:
+    """Every check a request passes before any route sees it, in order (``api/guards.py``)."""
+    return [
+        AllowedHosts(settings.allowed_hosts, bound_host=settings.host),
+        CrossSiteRequests(settings.cors_origins, spending_paths=ask.SPENDING_PATHS),
+        JsonBodies(),
+        BodySizeLimit(settings.max_body_bytes),
+    ]
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -67,8 +78,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     install_error_handlers(app)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
-    app.fast_path = BodySizeLimit(openai_routes.serve_fast, max_bytes=settings.max_body_bytes)
+    app.guarded = Guarded(app.dispatch, request_guards(settings))
     app.include_router(openai_routes.router)
     app.include_router(ask.router)
     app.include_router(conversations.router)
@@ -89,22 +99,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 
 class _App(FastAPI):
-    """FastAPI, with the completion endpoints served on a short path (``serve_fast``), and the
-    server's own ``send`` in each HTTP scope for streamed bodies (``EventStreamResponse``)."""
+    """FastAPI behind the request guards, with the completion endpoints served on a short path
+    (``serve_fast``), and the server's own ``send`` in each HTTP scope for streamed bodies
+    (``EventStreamResponse``)."""
 
-    fast_path: ASGIApp | None = None
+    guarded: ASGIApp | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
+        if scope["type"] == "http" and self.guarded is not None:
             scope[RAW_SEND] = send
-            if (
-                self.fast_path is not None
-                and scope["method"] == "POST"
-                and scope["path"] in openai_routes.FAST_ROUTES
-            ):
-                scope["app"] = self
-                await self.fast_path(scope, receive, send)
-                return
+            await self.guarded(scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
+
+    async def dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """A guarded request: to ``serve_fast`` or through FastAPI's routing."""
+        if scope["method"] == "POST" and scope["path"] in openai_routes.FAST_ROUTES:
+            scope["app"] = self
+            await openai_routes.serve_fast(scope, receive, send)
+            return
         await super().__call__(scope, receive, send)
 
 

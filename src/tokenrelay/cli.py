@@ -48,7 +48,12 @@ def serve(host: str | None, port: int | None, workers: int, reload: bool) -> Non
     import uvicorn
 
     from tokenrelay.config import Settings
+    from tokenrelay.server import uvicorn_options
 
+    if host is not None:
+        # Through the environment, so each worker's app knows the name it is bound to (the
+        # request guards answer to it).
+        os.environ["TOKENRELAY_HOST"] = host
     settings = Settings()
     if settings.local.enabled and settings.local.load == "eager":
         from tokenrelay.errors import TokenrelayError
@@ -61,7 +66,7 @@ def serve(host: str | None, port: int | None, workers: int, reload: bool) -> Non
     uvicorn.run(
         "tokenrelay.app:create_app",
         factory=True,
-        host=host or settings.host,
+        host=settings.host,
         port=settings.port if port is None else port,
         workers=None if reload else workers,
         reload=reload,
@@ -70,6 +75,7 @@ def serve(host: str | None, port: int | None, workers: int, reload: bool) -> Non
         # Measured in bench/: per-response headers nobody needs cost CPU on every request.
         server_header=False,
         date_header=False,
+        **uvicorn_options(settings),
     )
 
 

@@ -8,14 +8,16 @@ providers are listed (see ``docs/configuration.md``).
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import platformdirs
-from pydantic import AliasChoices, BaseModel, Field, SecretStr
+from pydantic import AliasChoices, BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
@@ -24,6 +26,15 @@ from pydantic_settings import (
 __all__ = ["ProviderSettings", "LocalModelSettings", "Settings", "CONFIG_ENV"]
 
 CONFIG_ENV = "TOKENRELAY_CONFIG"
+
+
+def _listed(value: object) -> object:
+    """A list setting from the environment: comma-separated, or a JSON array."""
+    if not isinstance(value, str):
+        return value
+    if value.lstrip().startswith("["):
+        return json.loads(value)
+    return value.split(",")
 
 
 class ProviderSettings(BaseModel):
@@ -199,6 +210,67 @@ class Settings(BaseSettings):
         description="Seconds after which an answer whose process stopped renewing its lease "
         "(it crashed or was killed) counts as interrupted.",
     )
+
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Host names requests may address (the `Host` header) besides the loopback "
+        "names and the address a connection arrived at; `*` allows any. Comma-separated in the "
+        "environment.",
+    )
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Web origins (`https://app.example.com`) whose pages may call the API from "
+        "a browser; no wildcard. Comma-separated in the environment.",
+    )
+    header_timeout: float = Field(
+        default=10.0, gt=0, description="Seconds a client has to send a request's headers."
+    )
+    body_timeout: float = Field(
+        default=30.0, gt=0, description="Seconds a client has to send a request's body."
+    )
+    keep_alive_timeout: float = Field(
+        default=5.0, gt=0, description="Seconds an idle connection is kept open between requests."
+    )
+    max_connections: int = Field(
+        default=1000, ge=1, description="Open connections (and requests) at most; more get 503."
+    )
+
+    @field_validator("allowed_hosts", mode="before")
+    @classmethod
+    def _host_names(cls, value: object) -> object:
+        """``a.example, [::1]`` -> ``["a.example", "::1"]``: lowercase, no brackets, no port."""
+        names = _listed(value)
+        if not isinstance(names, list):
+            return names
+        hosts = []
+        for name in names:
+            name = str(name).strip().lower()
+            if name.startswith("[") and name.endswith("]"):
+                name = name[1:-1]
+            if name:
+                hosts.append(name)
+        return hosts
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _origins(cls, value: object) -> object:
+        """Origins as browsers send them: ``scheme://host[:port]``, lowercase, no slash."""
+        origins = _listed(value)
+        if not isinstance(origins, list):
+            return origins
+        cleaned = []
+        for origin in origins:
+            origin = str(origin).strip().lower().rstrip("/")
+            if not origin:
+                continue
+            if origin == "*" or "*" in origin:
+                raise ValueError("cors_origins takes named origins only, never a wildcard")
+            scheme, sep, rest = origin.partition("://")
+            if scheme not in ("http", "https") or not sep or not rest or "/" in rest:
+                raise ValueError(f"{origin!r} is not an origin like https://app.example.com")
+            # Browsers leave the scheme's default port out of `Origin`.
+            cleaned.append(origin.removesuffix(":443" if scheme == "https" else ":80"))
+        return cleaned
 
     @classmethod
     def settings_customise_sources(

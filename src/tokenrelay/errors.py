@@ -11,6 +11,9 @@ __all__ = [
     "InvalidRequest",
     "ModelNotFound",
     "RequestTooLarge",
+    "Forbidden",
+    "UnsupportedMediaType",
+    "ClientGone",
     "RateLimited",
     "UpstreamError",
     "UpstreamUnavailable",
@@ -78,6 +81,28 @@ class RequestTooLarge(TokenrelayError):
     status = 413
     type = "invalid_request_error"
     code = "request_too_large"
+
+
+class Forbidden(TokenrelayError):
+    """Refused by a request guard: a foreign ``Host`` or ``Origin``, or a cross-site request."""
+
+    status = 403
+    type = "invalid_request_error"
+
+
+class UnsupportedMediaType(TokenrelayError):
+    status = 415
+    type = "invalid_request_error"
+    code = "unsupported_media_type"
+
+
+class ClientGone(TokenrelayError):
+    """The client left before its request body arrived: nobody is there to answer, and that is
+    no error of ours (499 is nginx's "client closed request"; the response is never sent)."""
+
+    status = 499
+    type = "invalid_request_error"
+    code = "client_closed_request"
 
 
 class RateLimited(TokenrelayError):

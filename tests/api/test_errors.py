@@ -375,18 +375,19 @@ _ODD_RAW = [
 ]
 
 
+_JSON = {"Content-Type": "application/json"}
+
+
 @pytest.mark.parametrize("path", ["chat/completions", "completions"])
 def test_odd_bodies_never_cause_a_server_error(relay: Relay, path: str) -> None:
     rng = random.Random(20240601)
     with httpx.Client(timeout=30) as client:
         url = f"{relay.v1}/{path}"
         responses = [
-            (body, client.post(url, content=json.dumps(body).encode())) for body in _odd_bodies(rng)
+            (body, client.post(url, content=json.dumps(body).encode(), headers=_JSON))
+            for body in _odd_bodies(rng)
         ]
-        responses += [
-            (raw, client.post(url, content=raw, headers={"Content-Type": "application/json"}))
-            for raw in _ODD_RAW
-        ]
+        responses += [(raw, client.post(url, content=raw, headers=_JSON)) for raw in _ODD_RAW]
 
     for body, response in responses:
         assert response.status_code < 500, (body, response.status_code, response.text[:500])

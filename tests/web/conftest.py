@@ -21,10 +21,18 @@ from fake_upstream import FakeUpstream
 if TYPE_CHECKING:
     from playwright.sync_api import Browser, BrowserContext, Page
 
-__all__ = ["CHROMIUM", "CHROMIUM_ARGS", "open_chat", "reload_chat", "send_prompt"]
+__all__ = ["CHROMIUM", "CHROMIUM_ARGS", "OTHER_SITES", "open_chat", "reload_chat", "send_prompt"]
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+OTHER_SITES = ("evil.example", "friend.example")
+"""Names Chromium resolves to 127.0.0.1, for pages on other sites (and DNS rebinding)."""
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--host-resolver-rules=" + ", ".join(f"MAP {name} 127.0.0.1" for name in OTHER_SITES),
+]
 DESKTOP = {"width": 1280, "height": 860}
 WAIT_MS = 15_000
 """How long a Playwright wait may take before the test fails (ms)."""

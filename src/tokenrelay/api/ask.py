@@ -16,9 +16,12 @@ from starlette.responses import Response
 from tokenrelay.api.relay import registry_of, relay
 from tokenrelay.errors import UpstreamError
 
-__all__ = ["router"]
+__all__ = ["SPENDING_PATHS", "router"]
 
 router = APIRouter(prefix="/api", tags=["Ask"])
+
+SPENDING_PATHS = ("/api/ask", "/api/ask/stream")
+"""GET routes that spend tokens: the request guards refuse them to other sites' pages."""
 
 Prompt = Annotated[str, Query(min_length=1, max_length=100_000, description="What to ask.")]
 Model = Annotated[

@@ -45,8 +45,10 @@ async def relay(request: Request, endpoint: Endpoint, body: dict[str, Any], raw:
 async def read_body(request: Request, model: type[M]) -> tuple[M, dict[str, Any], bytes]:
     """The body validated against ``model``, and as the dict and bytes the client sent.
 
-    Validated here rather than by FastAPI so that any ``Content-Type`` is read as JSON (curl's
-    ``-d`` sends a form type) and so that the dict the providers read is the client's, untouched.
+    Validated here rather than by FastAPI so that the dict the providers read is the client's,
+    untouched, and errors read as OpenAI's. That the body was sent as ``application/json`` the
+    request guards made sure already (``api/guards.py``: curl's ``-d`` alone sends a form type,
+    and a browser sends ``text/plain`` across sites without asking).
     """
     raw = await request.body()
     try:

@@ -18,6 +18,8 @@ const ui = {
   scroller: $("#scroller"),
   messages: $("#messages"),
   empty: $("#empty"),
+  system: $("#system"),
+  systemText: $("#system-text"),
   form: $("#composer"),
   prompt: $("#prompt"),
   send: $("#send"),
@@ -665,6 +667,14 @@ function showConversationTitle() {
   const title = state.current ? state.current.title || "Untitled chat" : "New chat";
   ui.title.textContent = title;
   document.title = `${title} · tokenrelay`;
+  showSystemPrompt();
+}
+
+/** The open conversation's system prompt, as plain text, above its messages. */
+function showSystemPrompt() {
+  const system = state.current?.system || "";
+  ui.systemText.textContent = system;
+  ui.system.hidden = system === "";
 }
 
 ui.newChat.addEventListener("click", () => {
