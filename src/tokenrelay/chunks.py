@@ -7,7 +7,7 @@ conversations) parse them, and only the ``data:`` lines, with orjson.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -36,11 +36,23 @@ def iter_data(events: bytes) -> Iterator[dict[str, Any]]:
 
 @dataclass
 class ChunkSummary:
-    """What a stream said so far: text, finish reason and usage, built up chunk by chunk."""
+    """What a stream said so far: text, finish reason and usage, built up chunk by chunk.
 
-    text: str = ""
+    The text is kept as the list of pieces it arrived in, joined only when asked for: appending
+    to one growing string costs a copy of everything so far per chunk, quadratic in the answer.
+    """
+
+    parts: list[str] = field(default_factory=list)
     finish_reason: str | None = None
     usage: dict[str, Any] | None = None
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+    def text_since(self, part: int) -> str:
+        """The text of the pieces from index ``part`` on (``len(parts)`` marks where it ends)."""
+        return "".join(self.parts[part:])
 
     def feed(self, events: bytes) -> str:
         """Take whole events; return the text they added. Raises ``StreamError`` on an error."""
@@ -58,6 +70,8 @@ class ChunkSummary:
                     added.append(piece)
                 if choice.get("finish_reason"):
                     self.finish_reason = choice["finish_reason"]
-        text = "".join(added)
-        self.text += text
+        if not added:
+            return ""
+        text = added[0] if len(added) == 1 else "".join(added)
+        self.parts.append(text)
         return text
