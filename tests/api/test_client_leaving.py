@@ -84,4 +84,3 @@ async def test_stream_whose_client_leaves_before_the_upstream_answers_closes_it(
     }
 
     await _leave_while_waiting(relay, fake_upstream, "POST", "/v1/chat/completions", json=body)
-
