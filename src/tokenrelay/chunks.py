@@ -38,21 +38,21 @@ def iter_data(events: bytes) -> Iterator[dict[str, Any]]:
 class ChunkSummary:
     """What a stream said so far: text, finish reason and usage, built up chunk by chunk.
 
-    The text is kept as pieces and joined when read, so that a long answer costs linear time
-    (``str +=`` on an attribute copies the whole text at every chunk).
+    The text is kept as the list of pieces it arrived in, joined only when asked for: appending
+    to one growing string costs a copy of everything so far per chunk, quadratic in the answer.
     """
 
+    parts: list[str] = field(default_factory=list)
     finish_reason: str | None = None
     usage: dict[str, Any] | None = None
-    _pieces: list[str] = field(default_factory=list, repr=False)
 
     @property
     def text(self) -> str:
-        """The whole text so far."""
-        pieces = self._pieces
-        if len(pieces) > 1:
-            pieces[:] = ["".join(pieces)]
-        return pieces[0] if pieces else ""
+        return "".join(self.parts)
+
+    def text_since(self, part: int) -> str:
+        """The text of the pieces from index ``part`` on (``len(parts)`` marks where it ends)."""
+        return "".join(self.parts[part:])
 
     def feed(self, events: bytes) -> str:
         """Take whole events; return the text they added. Raises ``StreamError`` on an error,
@@ -60,7 +60,8 @@ class ChunkSummary:
         added: list[str] = []
         for data in iter_data(events):
             if "error" in data:
-                self._pieces.extend(added)
+                if added:  # the text of the events before the error is kept
+                    self.parts.append("".join(added))
                 error = data["error"]
                 raise StreamError(error if isinstance(error, dict) else {"message": str(error)})
             if data.get("usage"):
@@ -72,7 +73,8 @@ class ChunkSummary:
                     added.append(piece)
                 if choice.get("finish_reason"):
                     self.finish_reason = choice["finish_reason"]
-        text = "".join(added)
-        if text:
-            self._pieces.append(text)
+        if not added:
+            return ""
+        text = added[0] if len(added) == 1 else "".join(added)
+        self.parts.append(text)
         return text

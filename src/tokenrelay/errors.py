@@ -24,6 +24,7 @@ __all__ = [
     "StreamTooLarge",
     "StreamInterrupted",
     "RedisUnavailable",
+    "ClientDisconnected",
 ]
 
 
@@ -200,3 +201,17 @@ class RedisUnavailable(TokenrelayError):
     status = 503
     type = "server_error"
     code = "redis_unavailable"
+
+
+class ClientDisconnected(TokenrelayError):
+    """The client left before its answer was ready; its work was cancelled and nobody reads this.
+
+    499 is nginx's "client closed request": it shows in access logs for what it is.
+    """
+
+    status = 499
+    type = "invalid_request_error"
+    code = "client_disconnected"
+
+    def __init__(self) -> None:
+        super().__init__("The client closed the connection before the answer was ready.")

@@ -8,10 +8,12 @@ the PostgreSQL half is skipped, except on CI (``CI=true``), where it fails.
 
 from __future__ import annotations
 
+import asyncio
 import getpass
 import os
 import secrets
-from collections.abc import AsyncIterator
+import sqlite3
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import asyncpg
@@ -70,6 +72,46 @@ async def postgresql_url(postgres_admin_url: sa.URL) -> AsyncIterator[str]:
         # FORCE: a test that failed midway may still hold connections.
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await admin.close()
+
+
+def _postgres_execute(url: sa.URL, sql: str) -> None:
+    async def run() -> None:
+        connection = await asyncpg.connect(_asyncpg_dsn(url), timeout=5)
+        try:
+            await connection.execute(sql)
+        finally:
+            await connection.close()
+
+    asyncio.run(run())
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def module_database_url(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """An empty database shared by a module's tests, once per backend: for a server under test,
+    which is started once per module rather than once per test."""
+    if request.param == "sqlite":
+        yield f"sqlite+aiosqlite:///{tmp_path_factory.mktemp('sqlite') / 'tokenrelay.db'}"
+        return
+    admin_url: sa.URL = request.getfixturevalue("postgres_admin_url")
+    name = f"tokenrelay_test_{secrets.token_hex(6)}"
+    _postgres_execute(admin_url, f'CREATE DATABASE "{name}"')
+    try:
+        yield admin_url.set(database=name).render_as_string(hide_password=False)
+    finally:
+        _postgres_execute(admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def execute_sql(database_url: str, sql: str) -> None:
+    """Run ``sql`` (several statements allowed) on a database, as its administrator would."""
+    url = sa.make_url(database_url)
+    if url.get_backend_name() == "sqlite":
+        with sqlite3.connect(str(url.database)) as connection:
+            connection.executescript(sql)
+        connection.close()
+        return
+    _postgres_execute(url, sql)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 from datetime import UTC, datetime
 
 import pytest
@@ -303,3 +304,60 @@ async def test_long_answer_updated_many_times_is_exact(store: ConversationStore)
     done = await store.update_message(answer.id, status="complete")
     assert done.content == text
     assert done.status is MessageStatus.COMPLETE
+
+
+UNSTORABLE = "a\x00b\ud800c\udfffd"
+"""Text neither backend can keep as is: NUL (PostgreSQL refuses it) and lone surrogates (no
+driver can encode them)."""
+STORED = "a\ufffdb\ufffdc\ufffdd"
+
+
+async def test_unstorable_characters_are_kept_as_replacement_characters(
+    store: ConversationStore,
+) -> None:
+    conversation = await store.create_conversation(title=UNSTORABLE, system=UNSTORABLE)
+    question = await store.add_message(conversation.id, "user", UNSTORABLE)
+    answer = await store.add_message(conversation.id, "assistant", status="streaming")
+    await store.update_message(answer.id, append="ok ")
+    await store.update_message(answer.id, append=UNSTORABLE, error=UNSTORABLE, status="error")
+
+    fetched = await store.get_conversation(conversation.id)
+    assert (fetched.title, fetched.system) == (STORED, STORED)
+    assert (await store.get_message(question.id)).content == STORED
+    stored = await store.get_message(answer.id)
+    assert (stored.content, stored.error, stored.status) == (f"ok {STORED}", STORED, "error")
+    renamed = await store.rename_conversation(conversation.id, UNSTORABLE)
+    assert renamed.title == STORED
+
+
+@pytest.mark.parametrize("bad_id", ["conv_\x00", "\x00", "msg_\ud800"])
+async def test_ids_no_row_can_have_are_simply_not_found(
+    store: ConversationStore, bad_id: str
+) -> None:
+    with pytest.raises(ConversationNotFound):
+        await store.get_conversation(bad_id)
+    with pytest.raises(ConversationNotFound):
+        await store.rename_conversation(bad_id, "x")
+    with pytest.raises(ConversationNotFound):
+        await store.add_message(bad_id, "user", "x")
+    with pytest.raises(ConversationNotFound):
+        await store.delete_conversation(bad_id)
+    with pytest.raises(MessageNotFound):
+        await store.update_message(bad_id, append="x")
+    with pytest.raises(MessageNotFound):
+        await store.get_message(bad_id)
+
+
+@pytest.mark.parametrize(
+    "key", ["2024-01-01T00:00:00+00:00|conv_\x00", "0001-01-01T00:00:00+05:00|conv_x"]
+)
+async def test_cursor_that_decodes_to_nonsense_is_rejected_or_empty(
+    store: ConversationStore, key: str
+) -> None:
+    await store.create_conversation()
+    cursor = base64.urlsafe_b64encode(key.encode("utf-8")).decode().rstrip("=")
+    try:
+        page = await store.list_conversations(after=cursor)
+    except InvalidCursor:
+        return
+    assert page.next_cursor is None

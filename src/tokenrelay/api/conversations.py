@@ -6,7 +6,8 @@ from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
 from starlette.responses import Response
 
 from tokenrelay.api.relay import body_doc, read_body, settings_of
@@ -19,30 +20,37 @@ __all__ = ["BODY_MODELS", "router"]
 router = APIRouter(prefix="/api/conversations", tags=["Conversations"])
 
 
-class NewConversation(BaseModel):
+class _StoredBody(BaseModel):
+    """A body whose text is stored: unknown fields and NUL characters are refused with a 400."""
+
     model_config = ConfigDict(extra="forbid")
 
+    @field_validator("*", mode="after")
+    @classmethod
+    def _no_nul(cls, value: object) -> object:
+        # PostgreSQL cannot store U+0000 in text: refuse it here, naming the field, rather than
+        # let the database fail. (Lone surrogates never get this far: the JSON parser refuses.)
+        if isinstance(value, str) and "\x00" in value:
+            raise PydanticCustomError("string_nul", "must not contain the NUL character (U+0000)")
+        return value
+
+
+class NewConversation(_StoredBody):
     title: str | None = Field(default=None, max_length=500)
     model: str | None = Field(default=None, min_length=1, max_length=200)
     system: str | None = Field(default=None, max_length=100_000, description="System prompt.")
 
 
-class Rename(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class Rename(_StoredBody):
     title: str | None = Field(max_length=500)
 
 
-class NewMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class NewMessage(_StoredBody):
     content: str = Field(min_length=1, max_length=1_000_000)
     model: str | None = Field(default=None, min_length=1, max_length=200)
 
 
-class Regenerate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class Regenerate(_StoredBody):
     model: str | None = Field(default=None, min_length=1, max_length=200)
 
 
@@ -152,9 +160,7 @@ async def rename_conversation(request: Request, conversation_id: str) -> Convers
 @router.delete("/{conversation_id}", status_code=204, response_class=Response)
 async def delete_conversation(request: Request, conversation_id: str) -> Response:
     """Delete a conversation and its messages (a running answer is stopped first)."""
-    chat = _chat(request)
-    await chat.stop(conversation_id)
-    await chat.store.delete_conversation(conversation_id)
+    await _chat(request).delete(conversation_id)
     return Response(status_code=204)
 
 

@@ -2,23 +2,30 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+from collections.abc import Awaitable
 from typing import Any, TypeVar
 
 import orjson
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.types import Receive
 
 from tokenrelay.api.errors import validation_message
 from tokenrelay.api.sse import EventStreamResponse
 from tokenrelay.config import Settings
-from tokenrelay.errors import InvalidRequest
+from tokenrelay.errors import ClientDisconnected, InvalidRequest
 from tokenrelay.providers.base import Endpoint, ProviderRequest
 from tokenrelay.providers.registry import ProviderRegistry
 
 M = TypeVar("M", bound=BaseModel)
+T = TypeVar("T")
 
 __all__ = ["body_doc", "read_body", "registry_of", "relay", "settings_of"]
+
+logger = logging.getLogger(__name__)
 
 
 def registry_of(request: Request) -> ProviderRegistry:
@@ -37,9 +44,55 @@ async def relay(request: Request, endpoint: Endpoint, body: dict[str, Any], raw:
     provider = registry_of(request).resolve(model)
     provider_request = ProviderRequest(endpoint=endpoint, model=model, body=body, raw=raw)
     if provider_request.stream:
-        events = await provider.open_stream(provider_request)
+        events = await _unless_client_leaves(request, provider.open_stream(provider_request))
         return EventStreamResponse(events, ping_interval=settings_of(request).ping_interval)
-    return Response(await provider.complete(provider_request), media_type="application/json")
+    answer = await _unless_client_leaves(request, provider.complete(provider_request))
+    return Response(answer, media_type="application/json")
+
+
+async def _unless_client_leaves(request: Request, work: Awaitable[T]) -> T:
+    """Await ``work``, cancelling it the moment the client disconnects.
+
+    Until a response starts there is no write to fail, so nothing else would notice a client
+    that left: a whole non-streamed answer (or a stream the upstream has not accepted yet, or a
+    request queued for the local model) would run to its end for nobody. Cancelling ``work``
+    closes its upstream request or frees the local model; ``ClientDisconnected`` is raised.
+
+    ``work`` runs in this task, so its result is used the moment it is ready (an upstream that
+    sends its answer and drops the connection at once loses nothing to an extra hop); only the
+    watcher is a task, and it cancels this one while ``work`` is still pending, never after.
+    """
+    relay = asyncio.current_task()
+    assert relay is not None
+    pending = True
+    client_left = False
+
+    def on_disconnect(watcher: asyncio.Task[None]) -> None:
+        nonlocal client_left
+        if pending and not watcher.cancelled() and watcher.exception() is None:
+            client_left = True
+            relay.cancel()
+
+    watcher = asyncio.create_task(_disconnect(request.receive))
+    watcher.add_done_callback(on_disconnect)
+    try:
+        return await work
+    except asyncio.CancelledError:
+        if not client_left:
+            raise  # not ours: the server is shutting down
+        logger.info("client left before its answer; cancelled %s", request.url.path)
+        raise ClientDisconnected() from None
+    finally:
+        pending = False
+        watcher.cancel()
+        if client_left:
+            relay.uncancel()  # the cancellation was ours, and it is handled
+
+
+async def _disconnect(receive: Receive) -> None:
+    """Return when the client disconnects (the body, if any, has been read already)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 async def read_body(request: Request, model: type[M]) -> tuple[M, dict[str, Any], bytes]:

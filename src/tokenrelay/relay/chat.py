@@ -7,14 +7,16 @@ a user typed or a model wrote is lost to a dropped connection or a crash.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncGenerator, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import orjson
 
-from tokenrelay.errors import InvalidRequest, TokenrelayError
+from tokenrelay.errors import InvalidRequest
 from tokenrelay.providers.base import ProviderRequest
 from tokenrelay.providers.registry import ProviderRegistry
 from tokenrelay.relay.generation import Generation, Generations
@@ -22,6 +24,7 @@ from tokenrelay.sse import encode_event
 from tokenrelay.storage.conversations import (
     ConversationDetail,
     ConversationStore,
+    MessageNotFound,
     MessageRecord,
 )
 from tokenrelay.storage.models import MessageRole, MessageStatus
@@ -90,24 +93,24 @@ class ChatService:
         self.store = store
         self.registry = registry
         self.generations = Generations()
-        self._claimed: set[str] = set()
+        self._claims: dict[str, _Claim] = {}
         self._flush_interval = flush_interval
         self._answer_reserve = answer_reserve
 
     async def send(self, conversation_id: str, content: str, model: str | None = None) -> ChatTurn:
         """Store ``content`` as the user's next message and start the answer."""
-        with self._claim(conversation_id):
+        with self._claim(conversation_id) as claim:
             conversation = await self.store.get_conversation(conversation_id)
             model = await self._model_for(conversation, model)
             user_message = await self.store.add_message(conversation_id, MessageRole.USER, content)
             if conversation.title is None and not conversation.messages:
                 await self.store.rename_conversation(conversation_id, _title_from(content))
             history = [*_history(conversation.messages), {"role": "user", "content": content}]
-            return await self._answer(conversation, history, model, user_message)
+            return await self._answer(claim, conversation, history, model, user_message)
 
     async def regenerate(self, conversation_id: str, model: str | None = None) -> ChatTurn:
         """Answer the last user message again, replacing the answer after it."""
-        with self._claim(conversation_id):
+        with self._claim(conversation_id) as claim:
             conversation = await self.store.get_conversation(conversation_id)
             model = await self._model_for(conversation, model)
             messages = list(conversation.messages)
@@ -116,11 +119,36 @@ class ChatService:
                 replaced.append(messages.pop().id)
             if not messages or messages[-1].role != MessageRole.USER:
                 raise InvalidRequest("There is no question to answer again in this conversation.")
-            return await self._answer(conversation, _history(messages), model, None, replaced)
+            return await self._answer(
+                claim, conversation, _history(messages), model, None, replaced
+            )
 
     async def stop(self, conversation_id: str) -> bool:
-        """Stop the running answer, if any; it is saved as ``stopped``."""
+        """Stop the answer being written, if any, and wait until it is saved as ``stopped``.
+
+        A question still being stored has its answer stopped as soon as that answer exists, so
+        a Stop works from the moment the user sent the question.
+        """
+        claim = self._claims.get(conversation_id)
+        if claim is not None:
+            claim.stop = True
+            await claim.settled.wait()
+            if claim.generation is not None:
+                await claim.generation.stop()
+                return True
         return await self.generations.stop(conversation_id)
+
+    async def delete(self, conversation_id: str) -> None:
+        """Delete a conversation and its messages, stopping its answer first.
+
+        Stopped again afterwards: an answer whose question was being stored while the rows
+        were deleted must not run on for a conversation that is gone.
+        """
+        await self.stop(conversation_id)
+        try:
+            await self.store.delete_conversation(conversation_id)
+        finally:
+            await self.stop(conversation_id)
 
     async def aclose(self) -> None:
         await self.generations.aclose()
@@ -131,32 +159,39 @@ class ChatService:
         return model
 
     @contextmanager
-    def _claim(self, conversation_id: str) -> Iterator[None]:
-        """Hold the conversation from the first await until its answer is registered.
+    def _claim(self, conversation_id: str) -> Iterator[_Claim]:
+        """Hold the conversation from the first await until its answer has started.
 
         Checked and taken without awaiting, so two requests arriving together cannot both start
-        an answer; after that, the running ``Generation`` itself marks the conversation busy.
+        an answer; the running ``Generation`` then marks the conversation busy as long as it runs.
         """
-        if conversation_id in self._claimed or self.generations.get(conversation_id) is not None:
+        if conversation_id in self._claims or self.generations.get(conversation_id) is not None:
             raise InvalidRequest(
                 "This conversation is still answering; stop it or wait for it to finish.",
                 code="conversation_busy",
             )
-        self._claimed.add(conversation_id)
+        claim = self._claims[conversation_id] = _Claim()
         try:
-            yield
+            yield claim
         finally:
-            self._claimed.discard(conversation_id)
+            claim.settled.set()  # if no answer was started, a waiting Stop finds nothing to stop
+            del self._claims[conversation_id]
 
     async def _answer(
         self,
+        claim: _Claim,
         conversation: ConversationDetail,
         history: list[dict[str, Any]],
         model: str,
         user_message: MessageRecord | None,
         replaced: Sequence[str] = (),
     ) -> ChatTurn:
-        """Start the answer; ``replaced`` answers are deleted once the new one has started."""
+        """Start the answer; ``replaced`` answers are deleted once the provider accepted.
+
+        The ``Generation`` is registered before the provider is asked, so Stop and DELETE reach
+        it while the upstream has not answered yet (or the local model's queue holds it). A
+        refusal before the first byte is raised here, as an HTTP error for the route.
+        """
         provider = self.registry.resolve(model)
         budget = provider.context_window(model) - self._answer_reserve
         body = {
@@ -165,24 +200,37 @@ class ChatService:
             "stream": True,
             "stream_options": {"include_usage": True},
         }
-        raw = orjson.dumps(body)
+        request = ProviderRequest("chat/completions", model, body, orjson.dumps(body))
         answer = await self.store.add_message(
             conversation.id, MessageRole.ASSISTANT, status=MessageStatus.STREAMING, model=model
         )
-        try:
-            stream = await provider.open_stream(
-                ProviderRequest("chat/completions", model, body, raw)
-            )
-        except TokenrelayError as exc:
-            await self.store.update_message(
-                answer.id, status=MessageStatus.ERROR, error=exc.message
-            )
-            raise
-        for message_id in replaced:
-            await self.store.delete_message(message_id)
-        generation = Generation(self.store, answer.id, stream, flush_interval=self._flush_interval)
+        generation = Generation(
+            self.store,
+            answer.id,
+            partial(provider.open_stream, request),
+            flush_interval=self._flush_interval,
+        )
         self.generations.start(conversation.id, generation)
+        claim.generation = generation
+        if claim.stop:  # a Stop came while the question was being stored
+            generation.cancel()
+        claim.settled.set()
+        if await generation.opened():
+            for message_id in replaced:
+                # Gone already if the conversation was deleted meanwhile.
+                with suppress(MessageNotFound):
+                    await self.store.delete_message(message_id)
         return ChatTurn(user_message, answer, generation)
+
+
+@dataclass(slots=True)
+class _Claim:
+    """A conversation whose question is being stored; a Stop arriving meanwhile is kept here."""
+
+    stop: bool = False
+    generation: Generation | None = None
+    settled: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set once the answer is started (``generation``), or once it will not be."""
 
 
 def _history(messages: Sequence[MessageRecord]) -> list[dict[str, Any]]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -110,7 +110,8 @@ class ConversationStore:
     """Create, list, read, rename and delete conversations; add, update and delete messages.
 
     Missing ids raise ``ConversationNotFound`` / ``MessageNotFound`` (HTTP 404 when they reach
-    the API); a malformed page cursor raises ``InvalidCursor`` (400).
+    the API); a malformed page cursor raises ``InvalidCursor`` (400). Text is kept as
+    ``models.storable`` makes it: a NUL or a lone surrogate becomes U+FFFD, on every backend.
     """
 
     def __init__(self, database: Database) -> None:
@@ -351,8 +352,10 @@ def _decode_cursor(cursor: str) -> tuple[datetime, str]:
         key = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         timestamp, conversation_id = key.split("|")
         updated_at = datetime.fromisoformat(timestamp)
-    except (binascii.Error, UnicodeDecodeError, ValueError) as exc:
+        if updated_at.tzinfo is None:
+            raise ValueError("naive timestamp")
+        # A hand-made cursor may name an instant outside what a datetime can hold in UTC.
+        updated_at = updated_at.astimezone(UTC)
+    except (binascii.Error, UnicodeDecodeError, ValueError, OverflowError) as exc:
         raise InvalidCursor() from exc
-    if updated_at.tzinfo is None:
-        raise InvalidCursor()
     return updated_at, conversation_id

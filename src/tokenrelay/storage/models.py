@@ -7,6 +7,7 @@ and a test checks that the two agree.
 
 from __future__ import annotations
 
+import re
 import secrets
 import string
 from datetime import UTC, datetime
@@ -26,8 +27,11 @@ __all__ = [
     "ResponseInputItem",
     "ResponseStatus",
     "StoredResponse",
+    "StorableString",
+    "StorableText",
     "UTCDateTime",
     "new_id",
+    "storable",
     "utcnow",
 ]
 
@@ -69,6 +73,40 @@ class UTCDateTime(sa.TypeDecorator[datetime]):
         if value.tzinfo is None:
             return value.replace(tzinfo=UTC)
         return value.astimezone(UTC)
+
+
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def storable(text: str) -> str:
+    """``text`` as every backend can keep it: NUL and lone surrogates become U+FFFD.
+
+    PostgreSQL refuses U+0000 in any text value, and neither asyncpg nor sqlite3 can encode a
+    lone surrogate. The API refuses both in what users send (400); what a model writes is kept
+    with each such character replaced, rather than losing the whole answer.
+    """
+    return _UNSTORABLE.sub("\ufffd", text)
+
+
+class StorableText(sa.TypeDecorator[str]):
+    """``TEXT`` whose values pass through ``storable`` on the way in.
+
+    Every bound value goes through it, those of ``WHERE`` clauses too, so an id taken from a URL
+    that holds a NUL finds nothing instead of failing on PostgreSQL.
+    """
+
+    impl: Any = sa.Text
+    cache_ok = True
+
+    def process_bind_param(self, value: str | None, dialect: Dialect) -> str | None:
+        return None if value is None else storable(value)
+
+
+class StorableString(StorableText):
+    """``VARCHAR(length)`` with the same cleaning as ``StorableText``."""
+
+    impl = sa.String
+    cache_ok = True
 
 
 class MessageRole(StrEnum):
@@ -125,10 +163,12 @@ class Conversation(Base):
     __tablename__ = "conversations"
     __table_args__ = (sa.Index(None, "updated_at", "id"),)
 
-    id: Mapped[str] = mapped_column(sa.String(32), primary_key=True, default=lambda: new_id("conv"))
-    title: Mapped[str | None] = mapped_column(sa.Text)
-    model: Mapped[str | None] = mapped_column(sa.String(200))
-    system: Mapped[str | None] = mapped_column(sa.Text)
+    id: Mapped[str] = mapped_column(
+        StorableString(32), primary_key=True, default=lambda: new_id("conv")
+    )
+    title: Mapped[str | None] = mapped_column(StorableText)
+    model: Mapped[str | None] = mapped_column(StorableString(200))
+    system: Mapped[str | None] = mapped_column(StorableText)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
@@ -148,16 +188,18 @@ class Message(Base):
     __tablename__ = "messages"
     __table_args__ = (sa.UniqueConstraint("conversation_id", "position"),)
 
-    id: Mapped[str] = mapped_column(sa.String(32), primary_key=True, default=lambda: new_id("msg"))
+    id: Mapped[str] = mapped_column(
+        StorableString(32), primary_key=True, default=lambda: new_id("msg")
+    )
     conversation_id: Mapped[str] = mapped_column(
-        sa.String(32), sa.ForeignKey("conversations.id", ondelete="CASCADE")
+        StorableString(32), sa.ForeignKey("conversations.id", ondelete="CASCADE")
     )
     position: Mapped[int] = mapped_column(sa.Integer)
     role: Mapped[MessageRole] = mapped_column(_enum_column(MessageRole, "role"))
-    content: Mapped[str] = mapped_column(sa.Text, default="")
+    content: Mapped[str] = mapped_column(StorableText, default="")
     status: Mapped[MessageStatus] = mapped_column(_enum_column(MessageStatus, "status"))
-    error: Mapped[str | None] = mapped_column(sa.Text)
-    model: Mapped[str | None] = mapped_column(sa.String(200))
+    error: Mapped[str | None] = mapped_column(StorableText)
+    model: Mapped[str | None] = mapped_column(StorableString(200))
     prompt_tokens: Mapped[int | None] = mapped_column(sa.Integer)
     completion_tokens: Mapped[int | None] = mapped_column(sa.Integer)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
