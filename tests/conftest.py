@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import struct
@@ -38,6 +39,7 @@ __all__ = [
     "relay_to",
     "start_tokenrelay",
     "stream_chunks",
+    "without_event_ids",
 ]
 
 _REPO = Path(__file__).resolve().parent.parent
@@ -223,6 +225,16 @@ def relay_to(
 def closed_port_url() -> str:
     """A base URL where nothing listens, for an unreachable upstream."""
     return f"http://127.0.0.1:{_free_port()}/v1"
+
+
+def without_event_ids(raw: bytes) -> bytes:
+    """An SSE body minus the ``id:`` lines tokenrelay puts before each logged event, after
+    checking that they number the stream's events 1, 2, 3... under one stream id."""
+    ids = re.findall(rb"^id: (st_[0-9a-f]+):(\d+)\n", raw, flags=re.M)
+    assert ids, raw[:200]
+    assert len({stream for stream, _ in ids}) == 1
+    assert [int(seq) for _, seq in ids] == list(range(1, len(ids) + 1))
+    return re.sub(rb"^id: [^\n]*\n", b"", raw, flags=re.M)
 
 
 def data_events(raw: bytes | str) -> list[str]:

@@ -15,7 +15,7 @@ from pydantic.json_schema import models_json_schema
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from tokenrelay import __version__
-from tokenrelay.api import ask, conversations, openai_routes
+from tokenrelay.api import ask, conversations, openai_routes, streams
 from tokenrelay.api.errors import install_error_handlers
 from tokenrelay.api.guards import AllowedHosts, CrossSiteRequests, Guard, Guarded, JsonBodies
 from tokenrelay.api.limits import BodySizeLimit
@@ -23,8 +23,11 @@ from tokenrelay.api.sse import RAW_SEND
 from tokenrelay.config import Settings
 from tokenrelay.providers.registry import ProviderRegistry
 from tokenrelay.relay.chat import ChatService
+from tokenrelay.relay.generations import Generations, answer_lease
+from tokenrelay.state import SharedState, create_shared_state
 from tokenrelay.storage.conversations import ConversationStore
 from tokenrelay.storage.database import Database
+from tokenrelay.streams import create_event_log
 
 __all__ = ["create_app"]
 
@@ -51,6 +54,10 @@ def request_guards(settings: Settings) -> list[Guard]:
     ]
 
 
+async def _owned(state: SharedState, stream_id: str) -> bool:
+    return await state.holder(answer_lease(stream_id)) is not None
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app; ``tokenrelay serve`` calls this once per worker process."""
     settings = settings or Settings()
@@ -59,15 +66,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         registry = ProviderRegistry.from_settings(settings)
         database = Database(settings.database_url)
-        chat = ChatService(ConversationStore(database), registry)
-        app.state.registry, app.state.chat = registry, chat
+        log, state = create_event_log(settings), create_shared_state(settings)
+        generations = Generations(log, state, lease_seconds=settings.lease_seconds)
+        chat = ChatService(
+            ConversationStore(database), registry, generations, grace=settings.stream_grace
+        )
+        app.state.registry, app.state.chat, app.state.generations = registry, chat, generations
         try:
-            await database.start()
+            await log.start()
+            await state.start()
+            await generations.start()
+            # Answers left `streaming` whose owner's lease lapsed died with their process.
+            await database.start(owned=lambda stream_id: _owned(state, stream_id))
             await registry.start()
             yield
         finally:
-            await chat.aclose()  # answers still running are saved as interrupted
+            await generations.aclose()  # answers still running are saved as interrupted
             await registry.aclose()
+            await state.aclose()
+            await log.aclose()
             await database.close()
 
     app = _App(
@@ -82,6 +99,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(openai_routes.router)
     app.include_router(ask.router)
     app.include_router(conversations.router)
+    app.include_router(streams.router)
     app.mount("/static", StaticFiles(packages=[("tokenrelay.web", "static")]), name="static")
 
     @app.get("/", include_in_schema=False)

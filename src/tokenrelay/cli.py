@@ -19,7 +19,9 @@ from tokenrelay.chunks import ChunkSummary, StreamError
 from tokenrelay.config import CONFIG_ENV
 
 if TYPE_CHECKING:
+    from tokenrelay.config import Settings
     from tokenrelay.relay.chat import ChatService
+    from tokenrelay.relay.generations import Generations
 
 __all__ = ["main"]
 
@@ -146,23 +148,55 @@ async def _ask_server(url: str, body: dict[str, Any], model: str | None) -> Asyn
 
 
 async def _ask_in_process(body: dict[str, Any], model: str | None) -> AsyncIterator[bytes]:
+    """The answer the way the server makes it: a generation writing a log, read back here."""
+    from functools import partial
+
     from tokenrelay.config import Settings
     from tokenrelay.errors import TokenrelayError
     from tokenrelay.providers.base import ProviderRequest
     from tokenrelay.providers.registry import ProviderRegistry
 
-    registry = ProviderRegistry.from_settings(Settings())
+    settings = Settings()
+    registry = ProviderRegistry.from_settings(settings)
     try:
-        model = model or await registry.default_model()
-        body = {**body, "model": model}
-        request = ProviderRequest("chat/completions", model, body, orjson.dumps(body))
-        stream = await registry.resolve(model).open_stream(request)
-        async for chunk in stream:
-            yield chunk
+        async with _generations(settings) as generations:
+            model = model or await registry.default_model()
+            body = {**body, "model": model}
+            request = ProviderRequest("chat/completions", model, body, orjson.dumps(body))
+            generation = await generations.begin(
+                partial(registry.resolve(model).open_stream, request), grace=0.0
+            )
+            try:
+                await generation.opened()
+                async for _, chunk in await generations.log.read(generation.stream_id, 0):
+                    yield chunk
+            finally:
+                generation.cancel()
     except TokenrelayError as exc:
         raise StreamError({"message": exc.message}) from None
     finally:
         await registry.aclose()
+
+
+@contextlib.asynccontextmanager
+async def _generations(settings: Settings) -> AsyncIterator[Generations]:
+    """Answers in this process, with the server's event log and shared state (memory, or
+    Redis when configured: a server then sees this process's answers too)."""
+    from tokenrelay.relay.generations import Generations
+    from tokenrelay.state import create_shared_state
+    from tokenrelay.streams import create_event_log
+
+    log, state = create_event_log(settings), create_shared_state(settings)
+    await log.start()
+    await state.start()
+    generations = Generations(log, state, lease_seconds=settings.lease_seconds)
+    await generations.start()
+    try:
+        yield generations
+    finally:
+        await generations.aclose()
+        await state.aclose()
+        await log.aclose()
 
 
 @main.command()
@@ -202,7 +236,9 @@ async def _chat(model: str | None, conversation_id: str | None, system: str | No
                 continue
             try:
                 turn = await service.send(conversation_id, prompt, model)
-                await _print_stream(turn.events())
+                log = service.generations.log
+                entries = await log.read(turn.generation.stream_id, 0)
+                await _print_stream(chunk async for _, chunk in entries)
             except (StreamError, TokenrelayError) as exc:
                 click.echo(click.style(f"error: {exc}", fg="red"), err=True)
             except asyncio.CancelledError:  # Ctrl-C: asyncio.run cancels us; stop the reply only
@@ -273,10 +309,11 @@ async def _chat_service() -> AsyncIterator[ChatService]:
     # Only migrate: a server may be answering in the same database right now.
     await database.migrate()
     registry = ProviderRegistry.from_settings(settings)
-    service = ChatService(ConversationStore(database), registry)
     try:
-        yield service
+        async with _generations(settings) as generations:
+            yield ChatService(
+                ConversationStore(database), registry, generations, grace=settings.stream_grace
+            )
     finally:
-        await service.aclose()
         await registry.aclose()
         await database.close()

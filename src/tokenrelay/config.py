@@ -199,6 +199,13 @@ class Settings(BaseSettings):
         gt=0,
         description="Seconds a finished stream can still be read (resumed) before it expires.",
     )
+    stream_grace: float = Field(
+        default=15.0,
+        ge=0,
+        description="Seconds a conversation's answer (or a `/v1` stream sent with "
+        "`X-Tokenrelay-Resumable: true`) goes on after its last reader left, for the client to "
+        "resume, before it is cancelled upstream.",
+    )
     stream_max_bytes: int = Field(
         default=16 * 1024 * 1024,
         ge=1024,

@@ -27,7 +27,10 @@ __all__ = [
 ]
 
 DONE = b"data: [DONE]\n\n"
-PING = b": ping\n\n"
+PING = b": ping\n"
+"""A heartbeat comment: one line, no blank line after it. A blank line would end an "event" of
+its own, and a client that remembers the last ``id`` (the openai SDK does) would dispatch it as
+an event with empty data; a lone comment line is ignored by every SSE parser."""
 
 STREAM_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,100}")
 """What a stream id may be: safe in an SSE ``id:`` line, a URL path and a Redis key name."""

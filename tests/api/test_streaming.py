@@ -144,10 +144,10 @@ def test_idle_stream_gets_ping_comments(pinging_relay: Relay) -> None:
             if b"data:" in received:
                 break
 
-    before_data = received[: received.index(b"data:")]
-    assert b": ping\n\n" in before_data
-    # Comments sit between events, never inside one.
-    assert before_data.replace(b": ping\n\n", b"") == b""
+    # The first event starts with its id line; comments sit between events, never inside one.
+    before_data = received[: received.index(b"id: ")]
+    assert b": ping\n" in before_data
+    assert before_data.replace(b": ping\n", b"") == b""
 
 
 def test_sdk_reads_a_stream_with_pings(pinging_relay: Relay) -> None:

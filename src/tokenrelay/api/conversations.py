@@ -10,10 +10,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
 from starlette.responses import Response
 
-from tokenrelay.api.relay import body_doc, read_body, settings_of
+from tokenrelay.api.relay import body_doc, generations_of, read_body, settings_of
 from tokenrelay.api.sse import EventStreamResponse
-from tokenrelay.relay.chat import ChatService
+from tokenrelay.relay.chat import ChatService, ChatTurn
 from tokenrelay.storage.conversations import ConversationRecord
+from tokenrelay.storage.models import MessageStatus
 
 __all__ = ["BODY_MODELS", "router"]
 
@@ -77,6 +78,10 @@ class MessageOut(BaseModel):
     prompt_tokens: int | None
     completion_tokens: int | None
     created_at: datetime
+    stream_id: str | None = Field(
+        description="The answer's event log while it streams: read or resume it at "
+        "`GET /api/streams/{stream_id}`."
+    )
 
 
 class ConversationWithMessages(ConversationOut):
@@ -145,7 +150,7 @@ async def get_conversation(request: Request, conversation_id: str) -> Conversati
     return ConversationWithMessages(
         **_conversation(detail).model_dump(),
         messages=[MessageOut.model_validate(m) for m in detail.messages],
-        answering=chat.generations.get(conversation_id) is not None,
+        answering=any(m.status == MessageStatus.STREAMING for m in detail.messages),
     )
 
 
@@ -169,7 +174,7 @@ async def send_message(request: Request, conversation_id: str) -> Response:
     """Add the user's message and stream the assistant's answer, which is saved as it grows."""
     new, _, _ = await read_body(request, NewMessage)
     turn = await _chat(request).send(conversation_id, new.content, new.model)
-    return EventStreamResponse(turn.events(), ping_interval=settings_of(request).ping_interval)
+    return await _answer_stream(request, turn)
 
 
 @router.post("/{conversation_id}/regenerate", response_class=Response, responses=_EVENT_STREAM_DOC)
@@ -178,7 +183,20 @@ async def regenerate(request: Request, conversation_id: str) -> Response:
     # The body is optional here: an empty POST regenerates with the conversation's model.
     options = (await read_body(request, Regenerate))[0] if await request.body() else Regenerate()
     turn = await _chat(request).regenerate(conversation_id, options.model)
-    return EventStreamResponse(turn.events(), ping_interval=settings_of(request).ping_interval)
+    return await _answer_stream(request, turn)
+
+
+async def _answer_stream(request: Request, turn: ChatTurn) -> Response:
+    """The stored messages, then the answer's log from its start, as this connection's stream."""
+    generation = turn.generation
+    entries = await generations_of(request).log.read(generation.stream_id, 0)
+    return EventStreamResponse(
+        generation.stream_id,
+        entries,
+        reader_of=generation,
+        preamble=turn.preamble(),
+        ping_interval=settings_of(request).ping_interval,
+    )
 
 
 @router.post("/{conversation_id}/stop")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable
+from functools import partial
 from typing import Any, TypeVar
 
 import orjson
@@ -19,11 +20,20 @@ from tokenrelay.config import Settings
 from tokenrelay.errors import ClientDisconnected, InvalidRequest
 from tokenrelay.providers.base import Endpoint, ProviderRequest
 from tokenrelay.providers.registry import ProviderRegistry
+from tokenrelay.relay.generations import Generations
 
 M = TypeVar("M", bound=BaseModel)
 T = TypeVar("T")
 
-__all__ = ["body_doc", "read_body", "registry_of", "relay", "settings_of"]
+__all__ = [
+    "RESUMABLE_HEADER",
+    "body_doc",
+    "generations_of",
+    "read_body",
+    "registry_of",
+    "relay",
+    "settings_of",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -38,16 +48,47 @@ def settings_of(request: Request) -> Settings:
     return settings
 
 
+def generations_of(request: Request) -> Generations:
+    generations: Generations = request.app.state.generations
+    return generations
+
+
+RESUMABLE_HEADER = "x-tokenrelay-resumable"
+"""``true``: the answer outlives its connection for ``stream_grace`` s, so a client can resume."""
+
+
 async def relay(request: Request, endpoint: Endpoint, body: dict[str, Any], raw: bytes) -> Response:
-    """Send one validated OpenAI request to its provider and return its answer unchanged."""
+    """Send one validated OpenAI request to its provider and return its answer unchanged.
+
+    A streamed answer is a generation writing to a log, which this connection reads. Unless
+    the client asks for a resumable stream, the grace is 0: the upstream is closed the moment
+    the client leaves, as an SDK client expects.
+    """
     model = body["model"]
     provider = registry_of(request).resolve(model)
     provider_request = ProviderRequest(endpoint=endpoint, model=model, body=body, raw=raw)
-    if provider_request.stream:
-        events = await _unless_client_leaves(request, provider.open_stream(provider_request))
-        return EventStreamResponse(events, ping_interval=settings_of(request).ping_interval)
-    answer = await _unless_client_leaves(request, provider.complete(provider_request))
-    return Response(answer, media_type="application/json")
+    if not provider_request.stream:
+        answer = await _unless_client_leaves(request, provider.complete(provider_request))
+        return Response(answer, media_type="application/json")
+    settings = settings_of(request)
+    resumable = request.headers.get(RESUMABLE_HEADER, "").lower() == "true"
+    generations = generations_of(request)
+    generation = await generations.begin(
+        partial(provider.open_stream, provider_request),
+        grace=settings.stream_grace if resumable else 0.0,
+    )
+    try:
+        await _unless_client_leaves(request, generation.opened())
+    except BaseException:
+        generation.cancel()  # the client left first (an error ended the answer already)
+        raise
+    entries = await generations.log.read(generation.stream_id, 0)
+    return EventStreamResponse(
+        generation.stream_id,
+        entries,
+        reader_of=generation,
+        ping_interval=settings.ping_interval,
+    )
 
 
 async def _unless_client_leaves(request: Request, work: Awaitable[T]) -> T:

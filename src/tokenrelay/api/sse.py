@@ -1,11 +1,13 @@
-"""Server-Sent Events: the one place that knows the wire format and how a stream ends.
+"""Server-Sent Events: how a connection reads an answer's event log.
 
-``EventStreamResponse`` sends an async iterator of already-framed events (bytes ending in a blank
-line) as they come, with three things a relay needs besides: a ``: ping`` comment when the stream
-has been idle for a while (proxies close silent connections), a watcher that notices the client
-leaving even while no bytes flow (so the upstream is closed at once, not at the next write), and
-errors raised mid-stream turned into one ``data: {"error": ...}`` event before a clean end, which
-is how OpenAI reports them and how the openai SDK expects them.
+``EventStreamResponse`` sends the entries of one stream's log (``tokenrelay.streams``) as they
+come, each led by its ``id: <stream id>:<seq>`` line so that a client that drops can resume with
+``Last-Event-ID``, and names the stream in ``X-Tokenrelay-Stream``. Besides, it does what a relay
+needs: a ``: ping`` comment when the stream has been idle a while (proxies close silent
+connections), and a watcher that notices the client leaving even while no bytes flow, so the
+reader detaches at once (for a plain ``/v1`` request that cancels the answer and closes the
+upstream). An error while reading (the log's store failing) becomes one ``data: {"error": ...}``
+event before a clean end, which is how OpenAI reports errors mid-stream.
 """
 
 from __future__ import annotations
@@ -13,21 +15,25 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from tokenrelay.errors import TokenrelayError
-from tokenrelay.sse import PING, encode_event
+from tokenrelay.relay.generation import Generation, error_event
+from tokenrelay.sse import PING, event_id_prefix
 
-__all__ = ["RAW_SEND", "SSE_HEADERS", "EventStreamResponse"]
+__all__ = ["RAW_SEND", "SSE_HEADERS", "STREAM_HEADER", "EventStreamResponse"]
 
 logger = logging.getLogger(__name__)
 
 RAW_SEND = "tokenrelay.raw_send"
 """Scope key under which the app keeps the server's own ``send`` (see ``EventStreamResponse``)."""
+
+STREAM_HEADER = "X-Tokenrelay-Stream"
+"""Names the stream a response reads, for ``GET /api/streams/{id}`` after a drop."""
 
 SSE_HEADERS = {
     "Cache-Control": "no-cache",
@@ -37,20 +43,27 @@ SSE_HEADERS = {
 
 
 class EventStreamResponse(StreamingResponse):
-    """Streams SSE bytes with heartbeat, disconnect detection and in-band errors."""
+    """Streams one log's entries with ids, heartbeat, disconnect detection and in-band errors."""
 
     media_type = "text/event-stream"
 
     def __init__(
         self,
-        events: AsyncGenerator[bytes, None],
+        stream_id: str,
+        entries: AsyncIterator[tuple[int, bytes]],
         *,
+        reader_of: Generation | None = None,
+        preamble: bytes = b"",
         ping_interval: float = 15.0,
         headers: Mapping[str, str] | None = None,
     ) -> None:
         # StreamingResponse's constructor sets no Content-Length, as a stream must not have one.
-        super().__init__(events, headers={**SSE_HEADERS, **(headers or {})})
-        self.events = events
+        # The body is sent by ``__call__`` below, from ``entries``.
+        super().__init__((), headers={**SSE_HEADERS, STREAM_HEADER: stream_id, **(headers or {})})
+        self.stream_id = stream_id
+        self.entries = entries
+        self.reader_of = reader_of
+        self.preamble = preamble
         self.ping_interval = ping_interval
         self._last_write = 0.0
         self._client_gone = False
@@ -66,6 +79,8 @@ class EventStreamResponse(StreamingResponse):
         self._last_write = time.monotonic()
         relay = asyncio.current_task()
         assert relay is not None
+        if self.reader_of is not None:
+            self.reader_of.attach()
         watcher = asyncio.create_task(self._watch(receive, send, relay))
         try:
             await self._relay(send)
@@ -77,30 +92,34 @@ class EventStreamResponse(StreamingResponse):
             self._client_gone = True
         finally:
             watcher.cancel()
+            if self.reader_of is not None:
+                self.reader_of.detach()
         if not self._client_gone:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _relay(self, send: Send) -> None:
-        events = self.events
+        entries = self.entries
+        prefix = event_id_prefix(self.stream_id)
         try:
-            async for chunk in events:
+            if self.preamble:
+                await send({"type": "http.response.body", "body": self.preamble, "more_body": True})
+            async for seq, chunk in entries:
                 # Set before awaiting: the watcher must see the stream as busy while we write.
                 self._last_write = time.monotonic()
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                body = b"%s%d\n%s" % (prefix, seq, chunk)  # sse.with_event_id, inlined
+                await send({"type": "http.response.body", "body": body, "more_body": True})
         except TokenrelayError as exc:
             await self._send_error(send, exc)
         except Exception:
-            logger.exception("stream failed")
+            logger.exception("reading stream %s failed", self.stream_id)
             await self._send_error(send, TokenrelayError("The stream failed unexpectedly."))
         finally:
-            # Closing the events closes the upstream request; let nothing interrupt it.
-            await asyncio.shield(events.aclose())
+            close = getattr(entries, "aclose", None)
+            if close is not None:
+                await asyncio.shield(close())
 
     async def _send_error(self, send: Send, exc: TokenrelayError) -> None:
-        body = exc.to_dict()
-        # OpenAI's streamed errors carry no HTTP status; keep ours for clients that want it.
-        body["error"]["status"] = exc.status
-        await send({"type": "http.response.body", "body": encode_event(body), "more_body": True})
+        await send({"type": "http.response.body", "body": error_event(exc), "more_body": True})
 
     async def _watch(self, receive: Receive, send: Send, relay: asyncio.Task[Any]) -> None:
         """Cancel the relay the moment the client leaves; ping while the stream is idle.

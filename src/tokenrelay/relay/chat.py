@@ -1,15 +1,18 @@
 """Conversations with a model: store the question, then answer with the whole history.
 
 Used by the conversation API and by ``tokenrelay chat`` alike. The user's message is stored
-before the model is called and the answer is stored as it grows (see ``generation``), so nothing
-a user typed or a model wrote is lost to a dropped connection or a crash.
+before the model is called and the answer is stored as it grows (see ``recorder``), so nothing
+a user typed or a model wrote is lost to a dropped connection or a crash. The answer is a
+``Generation`` like every streamed answer: its events go to a log that any reader (the page
+after a reload, a second tab, another replica) can read and resume, and a conversation is busy
+while it answers on every process sharing the state.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, Iterator, Sequence
-from contextlib import contextmanager, suppress
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -19,7 +22,9 @@ import orjson
 from tokenrelay.errors import InvalidRequest
 from tokenrelay.providers.base import ProviderRequest
 from tokenrelay.providers.registry import ProviderRegistry
-from tokenrelay.relay.generation import Generation, Generations
+from tokenrelay.relay.generation import Generation
+from tokenrelay.relay.generations import Generations
+from tokenrelay.relay.recorder import MessageRecorder
 from tokenrelay.sse import encode_event
 from tokenrelay.storage.conversations import (
     ConversationDetail,
@@ -28,6 +33,7 @@ from tokenrelay.storage.conversations import (
     MessageRecord,
 )
 from tokenrelay.storage.models import MessageRole, MessageStatus
+from tokenrelay.streams import new_stream_id
 
 __all__ = ["ChatService", "ChatTurn", "trim_history"]
 
@@ -43,17 +49,15 @@ class ChatTurn:
     assistant_message: MessageRecord
     generation: Generation
 
-    async def events(self) -> AsyncGenerator[bytes, None]:
-        """SSE bytes: an ``event: message`` naming both messages, then the model's chunks."""
-        yield encode_event(
+    def preamble(self) -> bytes:
+        """The ``event: message`` naming both stored messages, before the model's chunks."""
+        return encode_event(
             {
                 "user_message": _message_json(self.user_message) if self.user_message else None,
                 "assistant_message": _message_json(self.assistant_message),
             },
             event="message",
         )
-        async for chunk in self.generation.events():
-            yield chunk
 
 
 def estimate_tokens(message: dict[str, Any]) -> int:
@@ -80,26 +84,30 @@ def trim_history(
 
 
 class ChatService:
-    """Starts answers in conversations and keeps track of the running ones."""
+    """Starts answers in conversations, and stops them wherever they run."""
 
     def __init__(
         self,
         store: ConversationStore,
         registry: ProviderRegistry,
+        generations: Generations,
         *,
+        grace: float = 15.0,
         flush_interval: float = 1.0,
         answer_reserve: int = 512,
     ) -> None:
         self.store = store
         self.registry = registry
-        self.generations = Generations()
+        self.generations = generations
         self._claims: dict[str, _Claim] = {}
+        self._running: dict[str, Generation] = {}  # conversation id -> its answer, here
+        self._grace = grace
         self._flush_interval = flush_interval
         self._answer_reserve = answer_reserve
 
     async def send(self, conversation_id: str, content: str, model: str | None = None) -> ChatTurn:
         """Store ``content`` as the user's next message and start the answer."""
-        with self._claim(conversation_id) as claim:
+        async with self._claim(conversation_id) as claim:
             conversation = await self.store.get_conversation(conversation_id)
             model = await self._model_for(conversation, model)
             user_message = await self.store.add_message(conversation_id, MessageRole.USER, content)
@@ -110,7 +118,7 @@ class ChatService:
 
     async def regenerate(self, conversation_id: str, model: str | None = None) -> ChatTurn:
         """Answer the last user message again, replacing the answer after it."""
-        with self._claim(conversation_id) as claim:
+        async with self._claim(conversation_id) as claim:
             conversation = await self.store.get_conversation(conversation_id)
             model = await self._model_for(conversation, model)
             messages = list(conversation.messages)
@@ -123,8 +131,9 @@ class ChatService:
                 claim, conversation, _history(messages), model, None, replaced
             )
 
-    async def stop(self, conversation_id: str) -> bool:
-        """Stop the answer being written, if any, and wait until it is saved as ``stopped``.
+    async def stop(self, conversation_id: str, *, wait: float = 10.0) -> bool:
+        """Stop the answer being written, if any, and wait (``wait`` s at most) until it is
+        saved as ``stopped``; on another process, the cancel is published to it.
 
         A question still being stored has its answer stopped as soon as that answer exists, so
         a Stop works from the moment the user sent the question.
@@ -136,7 +145,18 @@ class ChatService:
             if claim.generation is not None:
                 await claim.generation.stop()
                 return True
-        return await self.generations.stop(conversation_id)
+        generation = self._running.get(conversation_id)
+        if generation is not None:
+            await generation.stop()
+            return True
+        answer = await self.store.streaming_answer(conversation_id)
+        if answer is None or answer.stream_id is None:
+            return False
+        await self.generations.cancel(answer.stream_id)
+        with suppress(TimeoutError):
+            async with asyncio.timeout(wait):
+                await self.generations.wait_ended(answer.stream_id)
+        return True
 
     async def delete(self, conversation_id: str) -> None:
         """Delete a conversation and its messages, stopping its answer first.
@@ -150,32 +170,33 @@ class ChatService:
         finally:
             await self.stop(conversation_id)
 
-    async def aclose(self) -> None:
-        await self.generations.aclose()
-
     async def _model_for(self, conversation: ConversationDetail, model: str | None) -> str:
         model = model or conversation.model or await self.registry.default_model()
         self.registry.resolve(model)  # an unknown model is refused before anything is stored
         return model
 
-    @contextmanager
-    def _claim(self, conversation_id: str) -> Iterator[_Claim]:
-        """Hold the conversation from the first await until its answer has started.
+    @asynccontextmanager
+    async def _claim(self, conversation_id: str) -> AsyncIterator[_Claim]:
+        """Hold the conversation from the first await until its answer has ended.
 
-        Checked and taken without awaiting, so two requests arriving together cannot both start
-        an answer; the running ``Generation`` then marks the conversation busy as long as it runs.
+        Checked and taken here without awaiting first, so two requests arriving together at
+        one process cannot both start an answer; then the shared key ``busy:<id>`` is taken, so
+        neither can two processes. The answer's ``Generation`` holds that key while it runs.
         """
-        if conversation_id in self._claims or self.generations.get(conversation_id) is not None:
-            raise InvalidRequest(
-                "This conversation is still answering; stop it or wait for it to finish.",
-                code="conversation_busy",
-            )
+        if conversation_id in self._claims or conversation_id in self._running:
+            raise _busy()
         claim = self._claims[conversation_id] = _Claim()
+        key = f"busy:{conversation_id}"
         try:
+            claim.token = await self.generations.hold(key)
+            if claim.token is None:
+                raise _busy()
             yield claim
         finally:
             claim.settled.set()  # if no answer was started, a waiting Stop finds nothing to stop
             del self._claims[conversation_id]
+            if claim.token is not None and claim.generation is None:
+                await self.generations.release(key, claim.token)
 
     async def _answer(
         self,
@@ -201,17 +222,25 @@ class ChatService:
             "stream_options": {"include_usage": True},
         }
         request = ProviderRequest("chat/completions", model, body, orjson.dumps(body))
+        stream_id = new_stream_id()
         answer = await self.store.add_message(
-            conversation.id, MessageRole.ASSISTANT, status=MessageStatus.STREAMING, model=model
+            conversation.id,
+            MessageRole.ASSISTANT,
+            status=MessageStatus.STREAMING,
+            model=model,
+            stream_id=stream_id,
         )
-        generation = Generation(
-            self.store,
-            answer.id,
+        assert claim.token is not None
+        generation = await self.generations.begin(
             partial(provider.open_stream, request),
-            flush_interval=self._flush_interval,
+            grace=self._grace,
+            recorder=MessageRecorder(self.store, answer.id, flush_interval=self._flush_interval),
+            leased=True,
+            stream_id=stream_id,
+            holding=[(f"busy:{conversation.id}", claim.token)],
         )
-        self.generations.start(conversation.id, generation)
-        claim.generation = generation
+        self._running[conversation.id] = claim.generation = generation
+        generation.task.add_done_callback(lambda _: self._ended(conversation.id, generation))
         if claim.stop:  # a Stop came while the question was being stored
             generation.cancel()
         claim.settled.set()
@@ -222,6 +251,17 @@ class ChatService:
                     await self.store.delete_message(message_id)
         return ChatTurn(user_message, answer, generation)
 
+    def _ended(self, conversation_id: str, generation: Generation) -> None:
+        if self._running.get(conversation_id) is generation:
+            del self._running[conversation_id]
+
+
+def _busy() -> InvalidRequest:
+    return InvalidRequest(
+        "This conversation is still answering; stop it or wait for it to finish.",
+        code="conversation_busy",
+    )
+
 
 @dataclass(slots=True)
 class _Claim:
@@ -229,6 +269,7 @@ class _Claim:
 
     stop: bool = False
     generation: Generation | None = None
+    token: str | None = None  # holding the shared ``busy:<id>`` key
     settled: asyncio.Event = field(default_factory=asyncio.Event)
     """Set once the answer is started (``generation``), or once it will not be."""
 

@@ -1,75 +1,182 @@
-"""One answer being written: owned by no connection, recorded as it grows.
+"""One streamed answer, owned by no connection: a provider's stream pulled into an event log.
 
-A ``Generation`` opens a provider's stream in its own task, pulls it, and appends the text to the
-stored assistant message at most ``flush_interval`` seconds behind. It exists, and can be stopped,
-from before the provider is asked: a Stop (or a DELETE) that arrives while the upstream has not
-answered its headers, or while the local model's queue holds the request, cancels the pending
-open and closes that request. A connection only *reads* the answer: when the reader leaves, the
-answer still completes and is saved, so a reload finds it whole. Only an explicit ``stop()`` (or
-shutdown) cancels it; the message is then ``stopped`` (or ``interrupted``) with the text so far.
+Every streamed answer (``/v1`` chat and completions, ``/api/ask/stream``, conversations, the
+CLI) is a ``Generation``: a task that opens the provider's stream, appends its events to a
+numbered log (``tokenrelay.streams``) and ends the log when the answer ends. Connections only
+*read* the log, from the start or from a ``Last-Event-ID``; a second tab reads it too.
 
-The final save is retried, and if the text still cannot be written the status alone is, so a
-storage failure never leaves an answer ``streaming``.
+The generation exists, and can be cancelled, from before the provider is asked: a cancel that
+arrives while the upstream has not answered its headers (or while the local model's queue holds
+the request) closes that request. Readers are counted: when the last one leaves, the answer goes
+on for ``grace`` seconds and is then cancelled, so nobody pays for tokens no one will read. A
+plain ``/v1`` request has a grace of 0 (the upstream is closed the moment its client leaves, as
+before), a conversation or a resumable request a longer one.
+
+A ``Recorder`` (a conversation's stored message) sees every chunk and the outcome; a ``Shape``
+decides which log entries a chunk becomes (the chat chunks as they came, or the Responses API's
+events translated from them).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
+from typing import Protocol
 
-from tokenrelay.chunks import ChunkSummary, StreamError
+from tokenrelay.chunks import StreamError
 from tokenrelay.errors import TokenrelayError
 from tokenrelay.sse import DONE, encode_event
-from tokenrelay.storage.conversations import ConversationStore, MessageNotFound
 from tokenrelay.storage.models import MessageStatus
+from tokenrelay.streams import LogWriter
 
-__all__ = ["Generation", "Generations", "StreamOpener"]
+__all__ = [
+    "ChatChunks",
+    "Generation",
+    "Recorder",
+    "Shape",
+    "StreamOpener",
+    "error_event",
+]
 
 logger = logging.getLogger(__name__)
 
 StreamOpener = Callable[[], Awaitable[AsyncGenerator[bytes, None]]]
 """Opens the provider's stream; returns once the provider accepted (``Provider.open_stream``)."""
 
-_SAVE_ATTEMPTS = 3
-_SAVE_RETRY_DELAY = 0.25  # seconds before the second attempt, doubled before each next one
-_UNSAVED = "The answer could not be saved in full; the text is what was saved before that."
+
+def error_event(exc: TokenrelayError) -> bytes:
+    """The SSE error event that ends a stream which failed after its first byte.
+
+    OpenAI's streamed errors carry no HTTP status; ours keeps it for clients that want it.
+    """
+    body = exc.to_dict()
+    body["error"]["status"] = exc.status
+    return encode_event(body)
+
+
+class Shape(Protocol):
+    """Which log entries an answer's chunks become (each entry: whole SSE events)."""
+
+    def opening(self) -> Iterable[bytes]:
+        """Entries before the provider's first chunk."""
+        ...
+
+    def feed(self, chunk: bytes) -> Iterable[bytes]:
+        """Entries for one provider chunk (whole chat-completion events)."""
+        ...
+
+    def finish(self) -> Iterable[bytes]:
+        """Entries after the provider's stream ended normally."""
+        ...
+
+    def fail(self, exc: TokenrelayError) -> Iterable[bytes]:
+        """Entries that end an answer failed after its first byte."""
+        ...
+
+    def cancel(self) -> Iterable[bytes]:
+        """Entries that end an answer cancelled (Stop, or no reader left)."""
+        ...
+
+
+class ChatChunks:
+    """The provider's chat-completion events, one log entry per event, as they came.
+
+    An entry per *event*, not per network chunk: an ``id`` names one entry, so a client that
+    dropped in the middle of a chunk holding two events resumes exactly after the one it got.
+    """
+
+    def opening(self) -> Iterable[bytes]:
+        return ()
+
+    def feed(self, chunk: bytes) -> Iterable[bytes]:
+        # The common case, one event per chunk, costs one search and no copy.
+        if chunk.find(b"\n\n") == len(chunk) - 2:
+            return (chunk,)
+        return _split_events(chunk)
+
+    def finish(self) -> Iterable[bytes]:
+        return ()
+
+    def fail(self, exc: TokenrelayError) -> Iterable[bytes]:
+        return (error_event(exc),)
+
+    def cancel(self) -> Iterable[bytes]:
+        return (DONE,)
+
+
+def _split_events(chunk: bytes) -> list[bytes]:
+    """Whole SSE events (``\\n\\n`` or ``\\r\\n\\r\\n`` ended), each with its terminator."""
+    events: list[bytes] = []
+    start = 0
+    end = len(chunk)
+    while start < end:
+        lf = chunk.find(b"\n\n", start)
+        crlf = chunk.find(b"\r\n\r\n", start)
+        if lf < 0 and crlf < 0:
+            events.append(chunk[start:])
+            break
+        stop = crlf + 4 if crlf >= 0 and (lf < 0 or crlf + 2 <= lf) else lf + 2
+        events.append(chunk[start:stop])
+        start = stop
+    return events
+
+
+class Recorder(Protocol):
+    """Keeps what an answer said (a conversation's stored message)."""
+
+    def opened(self) -> None:
+        """The provider accepted: start saving periodically."""
+        ...
+
+    def feed(self, chunk: bytes) -> None:
+        """One provider chunk; raises ``StreamError`` on an in-band error event."""
+        ...
+
+    async def finish(self, status: MessageStatus, error: str | None) -> None:
+        """Save the outcome; never raises for storage trouble (it is logged)."""
+        ...
 
 
 class Generation:
-    """Streams one provider answer into a stored message and to at most one live reader."""
+    """Pulls one provider answer into ``writer``'s log; see the module docstring."""
 
     def __init__(
         self,
-        store: ConversationStore,
-        message_id: str,
         open_stream: StreamOpener,
+        writer: LogWriter,
         *,
-        flush_interval: float,
+        grace: float,
+        shape: Shape | None = None,
+        recorder: Recorder | None = None,
     ) -> None:
-        self.message_id = message_id
-        self._store = store
+        self.stream_id = writer.stream_id
+        self.grace = grace
+        self.status = MessageStatus.STREAMING
+        self.error: str | None = None
+        self._writer = writer
+        self._shape: Shape = shape or ChatChunks()
+        self._recorder = recorder
         self._stream: AsyncGenerator[bytes, None] | None = None
-        self._flush_interval = flush_interval
-        self._summary = ChunkSummary()
-        self._saved = 0  # pieces of the summary's text already in the database
-        self._status = MessageStatus.STREAMING
-        self._error: str | None = None
         self._refusal: TokenrelayError | None = None
-        self._reader: asyncio.Queue[bytes | None] | None = asyncio.Queue()
         self._final_status = MessageStatus.STOPPED
         self._started = False
         self._cancelled = False
+        self._readers = 0
+        self._grace_timer: asyncio.TimerHandle | None = None
         self._settled = asyncio.Event()  # the provider accepted, or the answer ended before that
         self._finished = asyncio.Event()
-        self.task = asyncio.create_task(self._run(open_stream), name=f"generation {message_id}")
+        self.task = asyncio.create_task(self._run(open_stream), name=f"generation {self.stream_id}")
+
+    @property
+    def finished(self) -> bool:
+        return self._finished.is_set()
 
     async def opened(self) -> bool:
-        """Wait for the provider: True once it accepted, False if the answer was stopped first.
+        """Wait for the provider: True once it accepted, False if the answer was cancelled first.
 
-        Raises the provider's error if it refused (the message is then saved as ``error``), so a
-        failure before the first byte is still an ordinary HTTP error for whoever asked.
+        Raises the provider's error if it refused, so a failure before the first byte is still
+        an ordinary HTTP error for whoever asked.
         """
         await self._settled.wait()
         if self._refusal is not None:
@@ -78,134 +185,93 @@ class Generation:
 
     async def _run(self, open_stream: StreamOpener) -> None:
         self._started = True
-        flusher: asyncio.Task[None] | None = None
+        writer, shape, recorder = self._writer, self._shape, self._recorder
+        tail: list[bytes] = []
         try:
-            if self._cancelled:  # stopped before this task first ran
+            if self._cancelled:  # cancelled before this task first ran
                 raise asyncio.CancelledError
             self._stream = await open_stream()
             self._settled.set()
-            flusher = asyncio.create_task(self._flush_periodically())
+            if recorder is not None:
+                recorder.opened()
+            for entry in shape.opening():
+                writer.append(entry)
+            append = writer.append
             async for chunk in self._stream:
-                self._publish(chunk)
-                try:
-                    self._summary.feed(chunk)
-                except StreamError as exc:  # an upstream that reports errors in-band
-                    self._status, self._error = MessageStatus.ERROR, str(exc)
-                    return
-            self._status = MessageStatus.COMPLETE
-        except TokenrelayError as exc:
-            self._fail(exc)
+                for entry in shape.feed(chunk):
+                    append(entry)
+                if recorder is not None:
+                    recorder.feed(chunk)
+            tail.extend(shape.finish())
+            self.status = MessageStatus.COMPLETE
+        except StreamError as exc:  # an upstream that reports errors in-band: already relayed
+            self.status, self.error = MessageStatus.ERROR, str(exc)
+        except TokenrelayError as exc:  # StreamTooLarge among them
+            self.status, self.error = MessageStatus.ERROR, exc.message
+            if self._stream is None:
+                self._refusal = exc  # raised by ``opened()``: the route answers it as HTTP
+            else:
+                tail.extend(shape.fail(exc))
         except asyncio.CancelledError:
-            self._status = self._final_status
-            self._publish(DONE)
+            self.status = self._final_status
+            tail.extend(shape.cancel())
             raise
         except Exception:
-            logger.exception("generation %s failed", self.message_id)
-            self._fail(TokenrelayError("The answer failed unexpectedly."))
+            logger.exception("generation %s failed", self.stream_id)
+            failure = TokenrelayError("The answer failed unexpectedly.")
+            self.status, self.error = MessageStatus.ERROR, failure.message
+            if self._stream is None:
+                self._refusal = failure
+            else:
+                tail.extend(shape.fail(failure))
         finally:
-            try:
-                # Never cancel a write in flight: on SQLite that can leave the write lock held.
-                self._finished.set()
-                await asyncio.shield(self._finish(flusher))
-            finally:
-                self._publish(None)
-                self._settled.set()
+            self._finished.set()
+            self._settled.set()
+            if self._grace_timer is not None:
+                self._grace_timer.cancel()
+            # Never cancelled midway: the stream is closed, the log ended, the answer saved.
+            await asyncio.shield(self._finish(b"".join(tail)))
 
-    def _fail(self, exc: TokenrelayError) -> None:
-        self._status, self._error = MessageStatus.ERROR, exc.message
-        if self._stream is None:
-            self._refusal = exc  # raised by ``opened()``: the route answers it as an HTTP error
-        else:
-            self._publish(encode_event(exc.to_dict()))
-
-    def _publish(self, chunk: bytes | None) -> None:
-        if self._reader is not None:
-            self._reader.put_nowait(chunk)
-
-    async def _flush_periodically(self) -> None:
-        """Append new text every ``flush_interval`` seconds until the answer is finished."""
-        while not self._finished.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._finished.wait(), self._flush_interval)
-            parts = len(self._summary.parts)
-            if parts > self._saved and not self._finished.is_set():
-                try:
-                    await self._store.update_message(
-                        self.message_id, append=self._summary.text_since(self._saved)
-                    )
-                except MessageNotFound:
-                    return  # deleted with its conversation; the final save finds that too
-                except Exception:  # the final save appends whatever is still unsaved
-                    logger.exception("saving answer %s failed; retrying later", self.message_id)
-                    continue
-                self._saved = parts
-
-    async def _finish(self, flusher: asyncio.Task[None] | None) -> None:
-        """Let a periodic write in flight end, close the stream, then save the answer."""
-        if flusher is not None:
-            await flusher
+    async def _finish(self, tail: bytes) -> None:
         if self._stream is not None:
             try:
                 await self._stream.aclose()
             except Exception:  # the answer is saved all the same
-                logger.exception("closing the stream of answer %s failed", self.message_id)
-        await self._save_final()
-
-    async def _save_final(self) -> None:
-        """Write the rest of the text and the status; retried, then at least the status."""
-        usage = self._summary.usage or {}
-        delay = _SAVE_RETRY_DELAY
-        for attempt in range(1, _SAVE_ATTEMPTS + 1):
-            parts = len(self._summary.parts)
-            try:
-                await self._store.update_message(
-                    self.message_id,
-                    append=self._summary.text_since(self._saved),
-                    status=self._status,
-                    error=self._error,
-                    prompt_tokens=usage.get("prompt_tokens"),
-                    completion_tokens=usage.get("completion_tokens"),
-                )
-            except MessageNotFound:
-                return  # the conversation was deleted: there is nothing left to save into
-            except Exception:
-                logger.exception(
-                    "saving answer %s failed (attempt %d of %d)",
-                    self.message_id,
-                    attempt,
-                    _SAVE_ATTEMPTS,
-                )
-                if attempt < _SAVE_ATTEMPTS:
-                    await asyncio.sleep(delay)
-                    delay *= 2
-                continue
-            self._saved = parts
-            return
-        # The text cannot be written: record that, with the smallest update there is.
-        status = MessageStatus.ERROR if self._status == MessageStatus.COMPLETE else self._status
+                logger.exception("closing the stream of %s failed", self.stream_id)
+        # Saved before the log ends: a reader who sees the end and reloads finds it saved.
+        if self._recorder is not None:
+            await self._recorder.finish(self.status, self.error)
         try:
-            await self._store.update_message(self.message_id, status=status, error=_UNSAVED)
-        except MessageNotFound:
-            return
+            await self._writer.end(tail)
         except Exception:
-            logger.exception(
-                "answer %s stays 'streaming' until the next start marks it interrupted",
-                self.message_id,
-            )
-        else:
-            logger.error("answer %s saved as %s without its unsaved text", self.message_id, status)
+            logger.exception("ending the log of %s failed", self.stream_id)
 
-    async def events(self) -> AsyncGenerator[bytes, None]:
-        """The answer's SSE bytes from now on, for the one connection that started it."""
-        reader = self._reader
-        if reader is None:
+    # Readers.
+
+    def attach(self) -> None:
+        """A connection started reading the log."""
+        self._readers += 1
+        if self._grace_timer is not None:
+            self._grace_timer.cancel()
+            self._grace_timer = None
+
+    def detach(self) -> None:
+        """A connection stopped reading; the last one leaving starts the grace period."""
+        self._readers -= 1
+        if self._readers > 0 or self.finished:
             return
-        try:
-            while (chunk := await reader.get()) is not None:
-                yield chunk
-        finally:
-            # The reader left (or the answer ended): stop queueing for it; generation goes on.
-            self._reader = None
+        if self.grace <= 0:
+            self.cancel()
+        else:
+            self._grace_timer = asyncio.get_running_loop().call_later(self.grace, self._grace_over)
+
+    def _grace_over(self) -> None:
+        self._grace_timer = None
+        if self._readers == 0:
+            logger.info("nobody read %s for %g s: cancelled", self.stream_id, self.grace)
+            self.cancel()
+
+    # Ending early.
 
     async def stop(self, status: MessageStatus = MessageStatus.STOPPED) -> None:
         """Cancel the answer and wait until it is saved."""
@@ -218,44 +284,11 @@ class Generation:
         An answer already finishing (or already cancelled) is left alone, so a second cancel can
         never interrupt its final save.
         """
-        if self._cancelled or self._finished.is_set():
+        if self._cancelled or self.finished:
             return
         self._cancelled = True
         self._final_status = status
         if self._started:
             self.task.cancel()
-        # Not started yet: ``_run`` sees ``_cancelled`` first and saves the answer as stopped
+        # Not started yet: ``_run`` sees ``_cancelled`` first and ends the answer as stopped
         # (a task cancelled before its first step would run none of its code, saves included).
-
-
-class Generations:
-    """The answers running in this process, by conversation, so a Stop can find its answer."""
-
-    def __init__(self) -> None:
-        self._running: dict[str, Generation] = {}
-
-    def start(self, conversation_id: str, generation: Generation) -> None:
-        self._running[conversation_id] = generation
-        generation.task.add_done_callback(lambda _: self._forget(conversation_id, generation))
-
-    def _forget(self, conversation_id: str, generation: Generation) -> None:
-        if self._running.get(conversation_id) is generation:
-            del self._running[conversation_id]
-
-    def get(self, conversation_id: str) -> Generation | None:
-        return self._running.get(conversation_id)
-
-    async def stop(self, conversation_id: str) -> bool:
-        """Stop the conversation's running answer and wait until it is saved."""
-        generation = self._running.get(conversation_id)
-        if generation is None:
-            return False
-        await generation.stop()
-        return True
-
-    async def aclose(self) -> None:
-        """On shutdown: cut every answer short, saved as ``interrupted``."""
-        running = list(self._running.values())
-        for generation in running:
-            generation.cancel(MessageStatus.INTERRUPTED)
-        await asyncio.gather(*(g.task for g in running), return_exceptions=True)

@@ -104,6 +104,7 @@ class MessageRecord:
     completion_tokens: int | None
     created_at: datetime
     updated_at: datetime
+    stream_id: str | None = None
 
 
 class ConversationStore:
@@ -203,6 +204,7 @@ class ConversationStore:
         *,
         status: MessageStatus | str = MessageStatus.COMPLETE,
         model: str | None = None,
+        stream_id: str | None = None,
     ) -> MessageRecord:
         """Append a message at the end of the conversation and move the conversation to the top.
 
@@ -235,11 +237,26 @@ class ConversationStore:
                 content=content,
                 status=MessageStatus(status),
                 model=model,
+                stream_id=stream_id,
                 created_at=now,
                 updated_at=now,
             )
             session.add(row)
         return _message(row)
+
+    async def streaming_answer(self, conversation_id: str) -> MessageRecord | None:
+        """The conversation's answer being written right now, if any (on any process)."""
+        async with self._sessions() as session:
+            row = await session.scalar(
+                sa.select(Message)
+                .where(
+                    Message.conversation_id == conversation_id,
+                    Message.status == MessageStatus.STREAMING,
+                )
+                .order_by(Message.position.desc())
+                .limit(1)
+            )
+        return None if row is None else _message(row)
 
     async def update_message(
         self,
@@ -339,6 +356,7 @@ def _message(row: Message) -> MessageRecord:
         completion_tokens=row.completion_tokens,
         created_at=row.created_at,
         updated_at=row.updated_at,
+        stream_id=row.stream_id,
     )
 
 

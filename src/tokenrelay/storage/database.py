@@ -7,7 +7,7 @@ several workers or machines share one history. Both go through the same async SQ
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from types import TracebackType
@@ -107,16 +107,42 @@ class Database:
         self.engine = create_engine(self.url, echo=echo)
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
 
-    async def start(self) -> None:
+    async def start(self, *, owned: Callable[[str], Awaitable[bool]] | None = None) -> None:
         """Migrate to the newest schema, then mark answers cut off by a crash as interrupted.
 
-        Only call this when the process starts: any message still ``streaming`` then belongs to
-        a generation that died with the previous process.
+        Any message still ``streaming`` belongs to a generation that died with its process,
+        unless ``owned(stream_id)`` says a live process still holds its lease (several
+        replicas share the database).
         """
         await self.migrate()
-        interrupted = await self._interrupt_streaming()
+        interrupted = await self.interrupt_orphans(owned)
         if interrupted:
             logger.warning("marked %d unfinished answer(s) as interrupted", interrupted)
+
+    async def interrupt_orphans(self, owned: Callable[[str], Awaitable[bool]] | None = None) -> int:
+        """Mark ``streaming`` answers whose writer is gone ``interrupted``; how many were."""
+        async with self.sessions() as session:
+            streaming = (
+                await session.execute(
+                    sa.select(Message.id, Message.stream_id).where(
+                        Message.status == MessageStatus.STREAMING
+                    )
+                )
+            ).all()
+        orphans = [
+            message_id
+            for message_id, stream_id in streaming
+            if owned is None or stream_id is None or not await owned(stream_id)
+        ]
+        if not orphans:
+            return 0
+        async with self.engine.begin() as connection:
+            result = await connection.execute(
+                sa.update(Message)
+                .where(Message.id.in_(orphans), Message.status == MessageStatus.STREAMING)
+                .values(status=MessageStatus.INTERRUPTED, updated_at=utcnow())
+            )
+        return result.rowcount
 
     async def migrate(self, revision: str = "head") -> None:
         """Run Alembic up to ``revision``; safe when several processes or tasks start at once.
@@ -152,15 +178,6 @@ class Database:
         finally:
             if own_engine:
                 await engine.dispose()
-
-    async def _interrupt_streaming(self) -> int:
-        async with self.engine.begin() as connection:
-            result = await connection.execute(
-                sa.update(Message)
-                .where(Message.status == MessageStatus.STREAMING)
-                .values(status=MessageStatus.INTERRUPTED, updated_at=utcnow())
-            )
-        return result.rowcount
 
     async def close(self) -> None:
         await self.engine.dispose()

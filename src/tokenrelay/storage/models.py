@@ -204,6 +204,8 @@ class Message(Base):
     completion_tokens: Mapped[int | None] = mapped_column(sa.Integer)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    stream_id: Mapped[str | None] = mapped_column(StorableString(40))
+    """The event log an answer is written to while it streams (``GET /api/streams/{id}``)."""
 
     conversation: Mapped[Conversation] = relationship(back_populates="messages", lazy="raise")
 
