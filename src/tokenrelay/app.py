@@ -15,7 +15,7 @@ from pydantic.json_schema import models_json_schema
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from tokenrelay import __version__
-from tokenrelay.api import ask, conversations, openai_routes, streams
+from tokenrelay.api import ask, conversations, openai_routes, responses, streams
 from tokenrelay.api.errors import install_error_handlers
 from tokenrelay.api.guards import AllowedHosts, CrossSiteRequests, Guard, Guarded, JsonBodies
 from tokenrelay.api.limits import BodySizeLimit
@@ -24,9 +24,11 @@ from tokenrelay.config import Settings
 from tokenrelay.providers.registry import ProviderRegistry
 from tokenrelay.relay.chat import ChatService
 from tokenrelay.relay.generations import Generations, answer_lease
+from tokenrelay.relay.responses import ResponseService
 from tokenrelay.state import SharedState, create_shared_state
 from tokenrelay.storage.conversations import ConversationStore
 from tokenrelay.storage.database import Database
+from tokenrelay.storage.responses import ResponseStore
 from tokenrelay.streams import create_event_log
 
 __all__ = ["create_app"]
@@ -71,7 +73,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         chat = ChatService(
             ConversationStore(database), registry, generations, grace=settings.stream_grace
         )
+        responses_service = ResponseService(
+            ResponseStore(database),
+            registry,
+            generations,
+            ttl_days=settings.responses_ttl_days,
+        )
         app.state.registry, app.state.chat, app.state.generations = registry, chat, generations
+        app.state.responses = responses_service
         try:
             await log.start()
             await state.start()
@@ -79,8 +88,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             # Answers left `streaming` whose owner's lease lapsed died with their process.
             await database.start(owned=lambda stream_id: _owned(state, stream_id))
             await registry.start()
+            await responses_service.start()
             yield
         finally:
+            await responses_service.aclose()
             await generations.aclose()  # answers still running are saved as interrupted
             await registry.aclose()
             await state.aclose()
@@ -99,6 +110,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(openai_routes.router)
     app.include_router(ask.router)
     app.include_router(conversations.router)
+    app.include_router(responses.router)
     app.include_router(streams.router)
     app.mount("/static", StaticFiles(packages=[("tokenrelay.web", "static")]), name="static")
 

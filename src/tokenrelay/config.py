@@ -82,6 +82,11 @@ class ProviderSettings(BaseModel):
         "a larger one is a 502 (or an error event once streaming).",
     )
     max_connections: int = Field(default=1000, ge=1, description="Pooled connections at most.")
+    drop_unsupported_tools: bool = Field(
+        default=False,
+        description="Responses API: drop hosted tools (`web_search`, `file_search`...) these "
+        "models cannot run, instead of refusing the request with a 400 naming the tool.",
+    )
     context_window: int = Field(
         default=128_000, ge=256, description="Tokens its models read; longer chats are trimmed."
     )
@@ -198,6 +203,11 @@ class Settings(BaseSettings):
         default=600.0,
         gt=0,
         description="Seconds a finished stream can still be read (resumed) before it expires.",
+    )
+    responses_ttl_days: float = Field(
+        default=30.0,
+        gt=0,
+        description="Days a stored Responses API answer is kept (then deleted).",
     )
     stream_grace: float = Field(
         default=15.0,

@@ -33,6 +33,7 @@ __all__ = [
     "registry_of",
     "relay",
     "settings_of",
+    "unless_client_leaves",
 ]
 
 logger = logging.getLogger(__name__)
@@ -68,7 +69,7 @@ async def relay(request: Request, endpoint: Endpoint, body: dict[str, Any], raw:
     provider = registry_of(request).resolve(model)
     provider_request = ProviderRequest(endpoint=endpoint, model=model, body=body, raw=raw)
     if not provider_request.stream:
-        answer = await _unless_client_leaves(request, provider.complete(provider_request))
+        answer = await unless_client_leaves(request, provider.complete(provider_request))
         return Response(answer, media_type="application/json")
     settings = settings_of(request)
     resumable = request.headers.get(RESUMABLE_HEADER, "").lower() == "true"
@@ -78,7 +79,7 @@ async def relay(request: Request, endpoint: Endpoint, body: dict[str, Any], raw:
         grace=settings.stream_grace if resumable else 0.0,
     )
     try:
-        await _unless_client_leaves(request, generation.opened())
+        await unless_client_leaves(request, generation.opened())
     except BaseException:
         generation.cancel()  # the client left first (an error ended the answer already)
         raise
@@ -91,7 +92,7 @@ async def relay(request: Request, endpoint: Endpoint, body: dict[str, Any], raw:
     )
 
 
-async def _unless_client_leaves(request: Request, work: Awaitable[T]) -> T:
+async def unless_client_leaves(request: Request, work: Awaitable[T]) -> T:
     """Await ``work``, cancelling it the moment the client disconnects.
 
     Until a response starts there is no write to fail, so nothing else would notice a client

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
 from typing import Protocol
 
@@ -59,7 +60,7 @@ class Shape(Protocol):
     """Which log entries an answer's chunks become (each entry: whole SSE events)."""
 
     def opening(self) -> Iterable[bytes]:
-        """Entries before the provider's first chunk."""
+        """Entries before the provider is even asked (a response's ``response.created``)."""
         ...
 
     def feed(self, chunk: bytes) -> Iterable[bytes]:
@@ -190,12 +191,12 @@ class Generation:
         try:
             if self._cancelled:  # cancelled before this task first ran
                 raise asyncio.CancelledError
+            for entry in shape.opening():  # readers see the answer begin before the provider
+                writer.append(entry)
             self._stream = await open_stream()
             self._settled.set()
             if recorder is not None:
                 recorder.opened()
-            for entry in shape.opening():
-                writer.append(entry)
             append = writer.append
             async for chunk in self._stream:
                 for entry in shape.feed(chunk):
@@ -210,8 +211,7 @@ class Generation:
             self.status, self.error = MessageStatus.ERROR, exc.message
             if self._stream is None:
                 self._refusal = exc  # raised by ``opened()``: the route answers it as HTTP
-            else:
-                tail.extend(shape.fail(exc))
+            tail.extend(shape.fail(exc))  # for readers of the log (a resume, a background answer)
         except asyncio.CancelledError:
             self.status = self._final_status
             tail.extend(shape.cancel())
@@ -222,8 +222,7 @@ class Generation:
             self.status, self.error = MessageStatus.ERROR, failure.message
             if self._stream is None:
                 self._refusal = failure
-            else:
-                tail.extend(shape.fail(failure))
+            tail.extend(shape.fail(failure))
         finally:
             self._finished.set()
             self._settled.set()
@@ -262,7 +261,7 @@ class Generation:
             return
         if self.grace <= 0:
             self.cancel()
-        else:
+        elif self.grace != math.inf:  # an answer that runs to its end whoever reads it
             self._grace_timer = asyncio.get_running_loop().call_later(self.grace, self._grace_over)
 
     def _grace_over(self) -> None:
