@@ -233,6 +233,10 @@ def test_an_allowed_origin_gets_cors_and_no_other_does(
     ) as streamed:
         assert streamed.headers["access-control-allow-origin"] == ALLOWED_ORIGIN
         assert "Origin" in streamed.headers["vary"]
+        # The page may read which stream to resume after a drop.
+        exposed = streamed.headers["access-control-expose-headers"]
+        assert "X-Tokenrelay-Stream" in exposed
+        assert streamed.headers["x-tokenrelay-stream"].startswith("st_")
         assert len(stream_chunks(streamed)) >= 3
 
     created = api.post("/api/conversations", json={}, headers={"Origin": ALLOWED_ORIGIN})

@@ -56,6 +56,8 @@ _CORS_HEADERS = frozenset(
 _CORS_HEADER_PREFIXES = ("x-tokenrelay-", "x-stainless-")
 _CORS_METHODS = "GET, POST, PATCH, DELETE, OPTIONS"
 _CORS_MAX_AGE = "600"
+# Response headers a page on an allowed origin may read: the stream to resume, when to retry.
+_CORS_EXPOSED = b"X-Tokenrelay-Stream, Retry-After"
 _SHOWN = 100
 """Characters of a client's header value an error message repeats, at most."""
 
@@ -272,7 +274,11 @@ def _same_origin(request: Incoming, origin: bytes) -> bool:
 
 def _with_cors_headers(send: Send, origin: bytes) -> Send:
     """``send`` adding CORS headers to the response's start (streamed bodies bypass it)."""
-    extra = [(b"access-control-allow-origin", origin), (b"vary", b"Origin")]
+    extra = [
+        (b"access-control-allow-origin", origin),
+        (b"vary", b"Origin"),
+        (b"access-control-expose-headers", _CORS_EXPOSED),
+    ]
 
     async def cors_send(message: Message) -> None:
         if message["type"] == "http.response.start":
