@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -60,6 +61,22 @@ async def _owned(state: SharedState, stream_id: str) -> bool:
     return await state.holder(answer_lease(stream_id)) is not None
 
 
+async def _sweep_orphans(database: Database, state: SharedState, lease_seconds: float) -> None:
+    """Every few leases, mark ``interrupted`` the answers whose process died (another replica,
+    killed): nobody else would, until some process starts again."""
+    while True:
+        await asyncio.sleep(lease_seconds * 3)
+        try:
+            interrupted = await database.interrupt_orphans(
+                lambda stream_id: _owned(state, stream_id)
+            )
+        except Exception:
+            logger.exception("looking for interrupted answers failed")
+            continue
+        if interrupted:
+            logger.warning("marked %d answer(s) of a stopped process interrupted", interrupted)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app; ``tokenrelay serve`` calls this once per worker process."""
     settings = settings or Settings()
@@ -81,6 +98,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         app.state.registry, app.state.chat, app.state.generations = registry, chat, generations
         app.state.responses = responses_service
+        sweeper: asyncio.Task[None] | None = None
         try:
             await log.start()
             await state.start()
@@ -89,8 +107,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await database.start(owned=lambda stream_id: _owned(state, stream_id))
             await registry.start()
             await responses_service.start()
+            sweeper = asyncio.create_task(_sweep_orphans(database, state, settings.lease_seconds))
             yield
         finally:
+            if sweeper is not None:
+                sweeper.cancel()
             await responses_service.aclose()
             await generations.aclose()  # answers still running are saved as interrupted
             await registry.aclose()

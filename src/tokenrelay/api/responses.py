@@ -103,7 +103,7 @@ async def get_response(
     return EventStreamResponse(
         response_id,
         entries,
-        reader_of=generations.get(response_id),
+        reader_of=generations.reader(response_id),
         ping_interval=settings_of(request).ping_interval,
     )
 

@@ -34,6 +34,7 @@ from tokenrelay.streams import LogWriter
 __all__ = [
     "ChatChunks",
     "Generation",
+    "Reader",
     "Recorder",
     "Shape",
     "StreamOpener",
@@ -139,6 +140,14 @@ class Recorder(Protocol):
         ...
 
 
+class Reader(Protocol):
+    """What a connection reading a log attaches to while it reads."""
+
+    def attach(self) -> None: ...
+
+    def detach(self) -> None: ...
+
+
 class Generation:
     """Pulls one provider answer into ``writer``'s log; see the module docstring."""
 
@@ -150,6 +159,7 @@ class Generation:
         grace: float,
         shape: Shape | None = None,
         recorder: Recorder | None = None,
+        read_elsewhere: Callable[[], Awaitable[bool]] | None = None,
     ) -> None:
         self.stream_id = writer.stream_id
         self.grace = grace
@@ -164,7 +174,9 @@ class Generation:
         self._started = False
         self._cancelled = False
         self._readers = 0
+        self._read_elsewhere = read_elsewhere  # whether another process has readers of it
         self._grace_timer: asyncio.TimerHandle | None = None
+        self._checking: asyncio.Task[None] | None = None
         self._settled = asyncio.Event()  # the provider accepted, or the answer ended before that
         self._finished = asyncio.Event()
         self.task = asyncio.create_task(self._run(open_stream), name=f"generation {self.stream_id}")
@@ -266,9 +278,28 @@ class Generation:
 
     def _grace_over(self) -> None:
         self._grace_timer = None
-        if self._readers == 0:
-            logger.info("nobody read %s for %g s: cancelled", self.stream_id, self.grace)
-            self.cancel()
+        if self._readers > 0 or self.finished:
+            return
+        if self._read_elsewhere is None:
+            self._cancel_unread()
+        else:
+            self._checking = asyncio.create_task(self._check_elsewhere())
+
+    async def _check_elsewhere(self) -> None:
+        assert self._read_elsewhere is not None
+        if self._readers > 0 or self.finished:
+            return
+        if await self._read_elsewhere():  # a reader on another process: wait again
+            if self._readers == 0 and not self.finished:
+                self._grace_timer = asyncio.get_running_loop().call_later(
+                    self.grace, self._grace_over
+                )
+        elif self._readers == 0:
+            self._cancel_unread()
+
+    def _cancel_unread(self) -> None:
+        logger.info("nobody read %s for %g s: cancelled", self.stream_id, self.grace)
+        self.cancel()
 
     # Ending early.
 

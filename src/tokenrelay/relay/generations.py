@@ -8,7 +8,10 @@ workers or replicas):
   process starting up marks ``interrupted`` only answers whose owner really stopped;
 - keys held for the life of an answer (``busy:<conversation id>``), renewed the same way;
 - a cancel broadcast: a cancel for a stream running elsewhere is published, and the process
-  running it cancels it.
+  running it cancels it;
+- readers elsewhere (``readers:<stream id>``): a connection reading a stream that another
+  process runs keeps this key alive, so that process's grace period does not cancel an answer
+  someone is reading.
 
 One task per process renews every lease and key; nothing here runs per chunk.
 """
@@ -22,7 +25,7 @@ import secrets
 from collections.abc import Iterable
 
 from tokenrelay.errors import StreamNotFound
-from tokenrelay.relay.generation import Generation, Recorder, Shape, StreamOpener
+from tokenrelay.relay.generation import Generation, Reader, Recorder, Shape, StreamOpener
 from tokenrelay.state import SharedState, Subscription
 from tokenrelay.storage.models import MessageStatus
 from tokenrelay.streams import EventLog, new_stream_id
@@ -51,6 +54,7 @@ class Generations:
         self._held: dict[str, str] = {}  # shared-state key -> the token holding it
         self._renewer: asyncio.Task[None] | None = None
         self._subscription: Subscription | None = None
+        self._watching: dict[str, int] = {}  # streams run elsewhere -> readers here
 
     async def start(self) -> None:
         self._subscription = await self.state.subscribe(_CANCEL_CHANNEL, self._on_cancel)
@@ -111,6 +115,19 @@ class Generations:
     def get(self, stream_id: str) -> Generation | None:
         return self._running.get(stream_id)
 
+    def reader(self, stream_id: str) -> Reader:
+        """What a connection reading ``stream_id`` attaches to: the answer if it runs here,
+        else a presence the process running it can see."""
+        generation = self._running.get(stream_id)
+        return generation if generation is not None else _RemoteReader(self, stream_id)
+
+    async def _read_elsewhere(self, stream_id: str) -> bool:
+        try:
+            return await self.state.holder(_readers_key(stream_id)) is not None
+        except Exception:  # cannot tell: keep the answer rather than cancel it wrongly
+            logger.exception("looking up the readers of %s failed", stream_id)
+            return True
+
     async def hold(self, key: str) -> str | None:
         """Take ``key`` for an answer about to start; its token, or None if another has it."""
         token = secrets.token_hex(8)
@@ -162,9 +179,44 @@ class Generations:
             await asyncio.sleep(self.lease_seconds / 3)
             for key, token in list(self._held.items()):
                 try:
-                    await self.state.renew(key, token, self.lease_seconds)
+                    if not await self.state.renew(key, token, self.lease_seconds):
+                        del self._held[key]  # lost (expired meanwhile): taken again below
                 except Exception:
                     logger.exception("renewing %s failed; retrying", key)
+            for stream_id in list(self._watching):
+                key = _readers_key(stream_id)
+                if key not in self._held:
+                    with contextlib.suppress(Exception):
+                        await self.hold(key)
+
+
+def _readers_key(stream_id: str) -> str:
+    return f"readers:{stream_id}"
+
+
+class _RemoteReader:
+    """A connection here reading a stream another process runs (see ``Generations.reader``)."""
+
+    def __init__(self, generations: Generations, stream_id: str) -> None:
+        self._generations = generations
+        self._stream_id = stream_id
+
+    def attach(self) -> None:
+        watching = self._generations._watching
+        watching[self._stream_id] = watching.get(self._stream_id, 0) + 1
+
+    def detach(self) -> None:
+        generations, stream_id = self._generations, self._stream_id
+        left = generations._watching.get(stream_id, 1) - 1
+        if left > 0:
+            generations._watching[stream_id] = left
+            return
+        generations._watching.pop(stream_id, None)
+        key = _readers_key(stream_id)
+        token = generations._held.get(key)
+        if token is not None:
+            task = asyncio.create_task(generations.release(key, token))
+            task.add_done_callback(_log_failure)
 
 
 def _log_failure(task: asyncio.Task[object]) -> None:
