@@ -434,6 +434,7 @@ def test_message_streams_ids_then_openai_chunks_then_done(
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
         turn = _read_turn(response)
+        stream_id = response.headers["x-tokenrelay-stream"]
 
     assert turn.user_message is not None
     assert turn.user_message["id"].startswith("msg_")
@@ -442,6 +443,9 @@ def test_message_streams_ids_then_openai_chunks_then_done(
     assert turn.assistant_message["id"].startswith("msg_")
     assert turn.assistant_message["role"] == "assistant"
     assert turn.assistant_message["status"] == "streaming"
+    # The preamble names the answer's log, so a client that drops can resume it.
+    assert turn.assistant_message["stream_id"] == stream_id
+    assert turn.user_message["stream_id"] is None
     assert turn.done
     assert [event.event for event in turn.events] == [None] * len(turn.events)
     assert turn.errors == []

@@ -299,4 +299,6 @@ def _message_json(message: MessageRecord) -> dict[str, Any]:
         "status": str(message.status),
         "model": message.model,
         "created_at": message.created_at.isoformat(),
+        # The answer's event log, to resume after a drop (``GET /api/streams/{stream_id}``).
+        "stream_id": message.stream_id,
     }

@@ -1,7 +1,5 @@
-// The HTTP API the page talks to: models, conversations and the chat streams.
+// The HTTP API the page talks to: models, conversations and the answers' event streams.
 // Every path is relative, so the page keeps working when the app is mounted under a prefix.
-
-import { readEventStream } from "./sse.js";
 
 /** A failed request, carrying the message of OpenAI's error shape when the server sent one. */
 export class ApiError extends Error {
@@ -52,50 +50,46 @@ export const listConversations = (after = null, limit = 50) =>
   request("GET", `api/conversations?limit=${limit}${after ? `&after=${encodeURIComponent(after)}` : ""}`);
 
 export const createConversation = (fields) => request("POST", "api/conversations", fields);
-export const getConversation = (id) => request("GET", conversation(id));
+export const getConversation = (id, signal) => request("GET", conversation(id), undefined, signal);
 export const renameConversation = (id, title) => request("PATCH", conversation(id), { title });
 export const deleteConversation = (id) => request("DELETE", conversation(id));
 export const stopGeneration = (id) => request("POST", `${conversation(id)}/stop`, {});
 
-/**
- * Stream an answer: `kind` is "messages" (send `content`) or "regenerate".
- * Yields `{type: "ids", user, assistant}`, `{type: "delta", text}`, `{type: "error", message}`
- * and finally `{type: "done"}` if the server finished the stream properly; a stream that ends
- * without `[DONE]` (a dropped connection) just ends.
- */
-export async function* streamAnswer(conversationId, kind, body, signal) {
+/** Open an event stream: the Response once the server answered 2xx, or an ApiError. */
+async function openEventStream(path, init) {
   let response;
   try {
-    response = await fetch(`${conversation(conversationId)}/${kind}`, {
-      method: "POST",
-      headers: { "Content-Type": "application/json", Accept: "text/event-stream" },
-      body: JSON.stringify(body),
-      signal,
-    });
+    // no-store: a resumed read must come from the server, never from a cache.
+    response = await fetch(path, { ...init, cache: "no-store" });
   } catch (error) {
     if (error.name === "AbortError") throw error;
     throw new ApiError("Cannot reach the server.", 0);
   }
   if (!response.ok) throw await errorFrom(response);
-  for await (const event of readEventStream(response)) {
-    if (event.data === "[DONE]") {
-      yield { type: "done" };
-      return;
-    }
-    let payload;
-    try {
-      payload = JSON.parse(event.data);
-    } catch {
-      continue; // not ours to interpret
-    }
-    if (payload === null || typeof payload !== "object") continue;
-    if (payload.error) {
-      yield { type: "error", message: String(payload.error.message || "The model failed to answer.") };
-    } else if (payload.user_message || payload.assistant_message) {
-      yield { type: "ids", user: payload.user_message, assistant: payload.assistant_message };
-    } else if (Array.isArray(payload.choices)) {
-      const text = payload.choices[0]?.delta?.content;
-      if (typeof text === "string" && text.length > 0) yield { type: "delta", text };
-    }
-  }
+  return response;
 }
+
+/**
+ * Start an answer: `kind` is "messages" (send `content`) or "regenerate". The response's
+ * events are read by `followAnswer` (answers.js); its `X-Tokenrelay-Stream` header names the
+ * answer's event log, to resume with `openStream` after a drop.
+ */
+export const openAnswer = (conversationId, kind, body, signal) =>
+  openEventStream(`${conversation(conversationId)}/${kind}`, {
+    method: "POST",
+    headers: { "Content-Type": "application/json", Accept: "text/event-stream" },
+    body: JSON.stringify(body),
+    signal,
+  });
+
+/**
+ * Read an answer's event log: from its start, or every event after `lastEventId`
+ * (`<stream id>:<n>`), then the live rest. A 404 means the log is gone (expired, or kept
+ * only by a server that restarted).
+ */
+export const openStream = (streamId, lastEventId, signal) =>
+  openEventStream(
+    `api/streams/${encodeURIComponent(streamId)}` +
+      (lastEventId ? `?last_event_id=${encodeURIComponent(lastEventId)}` : ""),
+    { method: "GET", headers: { Accept: "text/event-stream" }, signal },
+  );

@@ -1,6 +1,7 @@
 // The chat page: a conversation list, one open conversation, and the answers streaming into it.
 // Plain ES modules, no build step; everything it loads ships in static/.
 
+import { ConnectionLost, followAnswer } from "./answers.js";
 import * as api from "./api.js";
 import { renderMarkdown } from "./markdown.js";
 
@@ -31,8 +32,9 @@ const STATUS_TEXT = {
   stopped: "Stopped",
   error: "Error",
   interrupted: "Interrupted: the answer was cut off before it finished",
+  disconnected: "Connection lost: reload the page to follow the answer",
 };
-const POLL_INTERVAL = 1000; // ms between looks at an answer another tab or a reload left running
+const SETTLE_TIMEOUT = 10_000; // ms to wait for the server to say how an answer ended
 
 const state = {
   conversations: [], // newest first, as the server lists them
@@ -40,7 +42,7 @@ const state = {
   nextCursor: null,
   current: null, // the open conversation, or null for a new chat
   views: [], // MessageView of the open conversation, in order
-  generations: new Map(), // conversation id -> the answer this tab is streaming into it
+  generations: new Map(), // conversation id -> the answer this tab is reading into it
   opening: 0, // guards against a slow response overwriting a newer navigation
   creating: false, // a new conversation is being created for the first question
   stickToBottom: true,
@@ -116,11 +118,20 @@ class MessageView {
   setStatus(status, error = null) {
     this.status = status;
     this.el.dataset.status = status;
+    delete this.el.dataset.reconnecting;
     this.el.setAttribute("aria-busy", String(status === "streaming"));
     let text = STATUS_TEXT[status] || "";
     if (status === "error" && error) text = `Error: ${error}`;
     this.statusLine.textContent = text;
     this.statusLine.hidden = text === "";
+  }
+
+  /** While a dropped connection is being re-established: a quiet note, the answer stays. */
+  setReconnecting(reconnecting) {
+    if (reconnecting) this.el.dataset.reconnecting = "true";
+    else delete this.el.dataset.reconnecting;
+    this.statusLine.textContent = reconnecting ? "Reconnecting…" : "";
+    this.statusLine.hidden = !reconnecting;
   }
 }
 
@@ -179,22 +190,50 @@ ui.scroller.addEventListener("scroll", () => {
 
 // -- generations -----------------------------------------------------------------------------
 
-/** Stream an answer into a new assistant message: `kind` is "messages" or "regenerate". */
+/** Stream a new answer into a new assistant message: `kind` is "messages" or "regenerate". */
 async function generate(conversationId, kind, body, userView) {
   const view = new MessageView({ role: "assistant", status: "streaming" });
-  const generation = { conversationId, view, userView, controller: new AbortController(), stopping: false };
-  state.generations.set(conversationId, generation);
-  view.setStatus("streaming");
+  const generation = startGeneration(conversationId, view, userView);
   if (state.current?.id === conversationId) {
     state.stickToBottom = true;
     addView(view);
   }
   refreshComposer();
+  const open = (signal) => api.openAnswer(conversationId, kind, body, signal);
+  await readAnswer(generation, followAnswer(open, generation.controller.signal));
+}
 
+/**
+ * Follow an answer the server is writing that this tab did not start (after a reload, or from
+ * another tab) in `view`, which shows the stored text. That text lags up to a second behind,
+ * so the answer is read from its log's start and its events replace it.
+ */
+function resumeAnswer(conversationId, view, streamId) {
+  const generation = startGeneration(conversationId, view, null);
+  const open = (signal) => api.openStream(streamId, null, signal);
+  readAnswer(generation, followAnswer(open, generation.controller.signal), { resumed: true });
+}
+
+function startGeneration(conversationId, view, userView) {
+  const generation = { conversationId, view, userView, controller: new AbortController(), stopping: false };
+  state.generations.set(conversationId, generation);
+  view.setStatus("streaming");
+  return generation;
+}
+
+/** Show an answer's items (see answers.js) in its view, until the answer ends. */
+async function readAnswer(generation, items, { resumed = false } = {}) {
+  const { conversationId, view, userView } = generation;
   let status = "interrupted";
   let error = null;
+  let stored = null; // ask the server: "status" (how it ended) or "message" (its saved copy)
+  let fresh = resumed; // the view still shows the stored text, to be replaced by the log's
   try {
-    for await (const item of api.streamAnswer(conversationId, kind, body, generation.controller.signal)) {
+    for await (const item of items) {
+      if (fresh && (item.type === "delta" || item.type === "error" || item.type === "done")) {
+        view.text = "";
+        fresh = false;
+      }
       if (item.type === "delta") view.append(item.text);
       else if (item.type === "ids") {
         if (item.user?.id) userView?.setId(item.user.id);
@@ -202,24 +241,56 @@ async function generate(conversationId, kind, body, userView) {
       } else if (item.type === "error") {
         status = "error";
         error = item.message;
-      } else if (item.type === "done" && status !== "error") status = "complete";
+      } else if (item.type === "done" && status !== "error") {
+        status = "complete";
+        // A stop from elsewhere (another tab, the API) ends the log with [DONE] and no finish
+        // reason: the saved status tells which it was.
+        if (!item.finished) stored = "status";
+      } else if (item.type === "gone") stored = "message";
+      else if (item.type === "reconnecting") view.setReconnecting(true);
+      else if (item.type === "resumed") view.setReconnecting(false);
     }
   } catch (failure) {
     if (failure.name !== "AbortError") {
-      // A failure before the stream began is the server's answer (an ApiError); one after the
-      // first bytes is a dropped connection, which leaves the answer interrupted.
-      status = failure instanceof api.ApiError || view.text === "" ? "error" : "interrupted";
-      error = status === "error" ? failure.message : null;
+      if (failure instanceof ConnectionLost) status = "disconnected";
+      else if (resumed && failure.status === 404) stored = "message"; // the log is gone
+      else {
+        // A failure before the stream began is the server's answer: an error.
+        status = failure instanceof api.ApiError || view.text === "" ? "error" : "interrupted";
+        error = status === "error" ? failure.message : null;
+      }
     }
-  } finally {
-    if (generation.stopping) status = "stopped";
-    state.generations.delete(conversationId);
-    view.flush();
-    view.setStatus(status, error);
-    refreshComposer();
-    refreshMessageChrome();
-    touchConversation(conversationId);
   }
+  if (stored && !generation.stopping) {
+    const saved = await savedMessage(conversationId, view);
+    if (saved) {
+      // Saved as `streaming` with no log left to read: the server was cut off mid-answer.
+      status = saved.status === "streaming" ? "interrupted" : saved.status;
+      error = saved.error;
+      if (stored === "message") view.text = saved.content;
+    } else if (stored === "message") status = "interrupted";
+  }
+  if (generation.stopping) status = "stopped";
+  state.generations.delete(conversationId);
+  view.render();
+  view.setStatus(status, error);
+  refreshComposer();
+  refreshMessageChrome();
+  touchConversation(conversationId);
+}
+
+/** The server's copy of the answer in `view`: one look, once its stream has ended. */
+async function savedMessage(conversationId, view) {
+  let conversation;
+  try {
+    conversation = await api.getConversation(conversationId, AbortSignal.timeout(SETTLE_TIMEOUT));
+  } catch {
+    return null;
+  }
+  const messages = conversation.messages || [];
+  return view.id
+    ? messages.find((message) => message.id === view.id)
+    : messages.findLast((message) => message.role === "assistant");
 }
 
 /** Ask the server to stop the answer upstream, then drop our end of the stream. */
@@ -239,9 +310,9 @@ async function stopGeneration(generation) {
 
 // -- composer --------------------------------------------------------------------------------
 
-/** The open conversation is answering: streamed by this tab, or seen running on the server. */
+/** The open conversation is answering: this tab reads its answer (its own, or one it resumed). */
 function isBusy() {
-  return Boolean(state.current && (state.generations.has(state.current.id) || state.current.answering));
+  return Boolean(state.current && state.generations.has(state.current.id));
 }
 
 function refreshComposer() {
@@ -287,14 +358,7 @@ function stopCurrent() {
   const conversation = state.current;
   if (!conversation) return;
   const generation = state.generations.get(conversation.id);
-  if (generation) {
-    stopGeneration(generation);
-  } else if (conversation.answering) {
-    ui.stop.disabled = true;
-    api.stopGeneration(conversation.id)
-      .catch((failure) => showToast(failure.message))
-      .finally(() => refreshOpenConversation(conversation.id, state.opening));
-  }
+  if (generation) stopGeneration(generation);
 }
 
 async function send(text) {
@@ -604,63 +668,36 @@ async function openConversation(id) {
   if (conversation.model && ui.model.value !== conversation.model) selectModel(conversation.model);
 
   const generation = state.generations.get(id);
-  // This tab's own stream shows itself; the server's copy of it would only lag behind.
-  if (generation) conversation.answering = false;
-  const live = new Set([generation?.view.id, generation?.userView?.id].filter(Boolean));
   const messages = conversation.messages || [];
+  // An answer still being written that this tab is not reading yet: it follows its log.
+  const last = messages.at(-1);
+  const follow = !generation && last?.status === "streaming" && last.stream_id ? last : null;
+  const live = new Set([generation?.view.id, generation?.userView?.id].filter(Boolean));
+  let followView = null;
   for (const [index, message] of messages.entries()) {
+    // This tab's own stream shows itself; the server's copy of it would only lag behind.
     if (live.has(message.id)) continue;
     // A stream this tab started whose ids have not arrived yet is on screen already.
     if (generation && !generation.view.id && index >= messages.length - 2) continue;
-    addView(new MessageView(shownMessage(message, conversation)));
+    if (message === follow) followView = addView(new MessageView(message));
+    else addView(new MessageView(shownMessage(message)));
   }
   if (generation) {
     if (generation.userView) addView(generation.userView);
     addView(generation.view);
   }
+  if (followView) resumeAnswer(id, followView, follow.stream_id);
   showConversationTitle();
   renderConversationList();
   refreshMessageChrome();
   refreshComposer();
   followBottom();
-  if (conversation.answering) watchAnswer(id, ticket);
 }
 
-/** A message still `streaming` when nothing answers any more was cut off (a crashed server). */
-function shownMessage(message, conversation) {
-  if (message.status === "streaming" && !conversation.answering) return { ...message, status: "interrupted" };
+/** A message still `streaming` that has no log to follow was cut off (a crashed server). */
+function shownMessage(message) {
+  if (message.status === "streaming") return { ...message, status: "interrupted" };
   return message;
-}
-
-/** Follow an answer this tab did not start (a reload, another tab) as the server saves it. */
-async function watchAnswer(id, ticket) {
-  while (ticket === state.opening && state.current?.answering) {
-    await new Promise((resolve) => setTimeout(resolve, POLL_INTERVAL));
-    await refreshOpenConversation(id, ticket);
-  }
-}
-
-async function refreshOpenConversation(id, ticket) {
-  let conversation;
-  try {
-    conversation = await api.getConversation(id);
-  } catch {
-    return; // the next look, or the next navigation, will tell
-  }
-  if (ticket !== state.opening || state.current?.id !== id) return;
-  state.current.answering = conversation.answering;
-  for (const message of conversation.messages) {
-    const view = state.views.find((candidate) => candidate.id === message.id);
-    if (!view) continue;
-    const shown = shownMessage(message, conversation);
-    if (view.text !== shown.content) {
-      view.text = shown.content;
-      view.render();
-    }
-    if (view.status !== shown.status) view.setStatus(shown.status, shown.error);
-  }
-  refreshMessageChrome();
-  refreshComposer();
 }
 
 function showConversationTitle() {

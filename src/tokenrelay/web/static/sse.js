@@ -59,8 +59,12 @@ export class EventStreamParser {
   }
 }
 
-/** Yield the events of a fetch Response whose body is `text/event-stream`. */
-export async function* readEventStream(response) {
+/**
+ * Yield the events of a fetch Response whose body is `text/event-stream`. `onBytes` is called
+ * whenever bytes arrive, comments included, so that a caller can tell a quiet stream (the
+ * server pings it) from a dead connection.
+ */
+export async function* readEventStream(response, onBytes = null) {
   const reader = response.body.getReader();
   const decoder = new TextDecoder();
   const parser = new EventStreamParser();
@@ -68,6 +72,7 @@ export async function* readEventStream(response) {
     for (;;) {
       const { value, done } = await reader.read();
       if (done) break;
+      onBytes?.();
       yield* parser.push(decoder.decode(value, { stream: true }));
     }
     yield* parser.push(decoder.decode());
