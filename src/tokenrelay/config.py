@@ -90,6 +90,19 @@ class ProviderSettings(BaseModel):
     context_window: int = Field(
         default=128_000, ge=256, description="Tokens its models read; longer chats are trimmed."
     )
+    failover_max_failures: int = Field(
+        default=3,
+        ge=1,
+        description="Failures in a row before the first byte (no connection, a timeout, 429, "
+        "5xx) after which this provider, as one of a model's deployments, is skipped for "
+        "`failover_cooldown` seconds.",
+    )
+    failover_cooldown: float = Field(
+        default=30.0,
+        ge=0,
+        description="Seconds a failing deployment is skipped; then it is tried again, and one "
+        "more failure skips it again.",
+    )
 
     def resolved_api_key(self) -> str | None:
         if self.api_key is not None:
@@ -172,6 +185,12 @@ class Settings(BaseSettings):
     )
     providers: list[ProviderSettings] = Field(
         default_factory=list, description="Upstreams from the TOML file's `[[providers]]` tables."
+    )
+    failover_backoff: float = Field(
+        default=0.1,
+        ge=0,
+        description="Seconds to wait before asking a model's next deployment after one failed "
+        "before the first byte; doubled for each further deployment, at most 2 s.",
     )
     local: LocalModelSettings = Field(default_factory=LocalModelSettings)
 

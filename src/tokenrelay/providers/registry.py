@@ -1,8 +1,11 @@
 """Which provider answers which model name.
 
-Upstreams are asked in configuration order, the first that serves a name wins. The local model
-answers its own name, and, when no upstream is configured at all, any name no one else serves:
-a fresh install with no key answers whatever model an OpenAI client asks for.
+The local model answers its own name. Otherwise every ``[[providers]]`` table whose ``models``
+match a name is one of its deployments, asked in file order with fail-over before the first byte
+(``deployments``); the ``openai`` provider implied by ``OPENAI_API_KEY`` answers only names no
+table serves, and is never a fail-over target (a key in the environment must not send prompts
+meant for your own server to OpenAI). When no upstream is configured at all, the local model
+answers any name: a fresh install with no key answers whatever model an OpenAI client asks for.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import logging
 from tokenrelay.config import Settings
 from tokenrelay.errors import ModelNotFound
 from tokenrelay.providers.base import ModelCard, Provider
+from tokenrelay.providers.deployments import Deployment, DeploymentPool
 from tokenrelay.providers.openai_compat import OpenAICompatibleProvider
 
 __all__ = ["ProviderRegistry"]
@@ -29,16 +33,30 @@ class ProviderRegistry:
         *,
         fallback: Provider | None = None,
         default_model: str | None = None,
+        deployments: DeploymentPool | None = None,
     ) -> None:
         self.providers = providers
         self.fallback = fallback
         self._default_model = default_model
+        self._deployments = deployments or DeploymentPool((), backoff=0.0)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ProviderRegistry:
-        providers: list[Provider] = [
-            OpenAICompatibleProvider(p) for p in settings.upstream_providers()
-        ]
+        upstreams = [OpenAICompatibleProvider(p) for p in settings.upstream_providers()]
+        # The tables come first; the implied `openai` provider, if any, after them.
+        tables = upstreams[: len(settings.providers)]
+        deployments = DeploymentPool(
+            [
+                Deployment(
+                    p,
+                    max_failures=p.settings.failover_max_failures,
+                    cooldown=p.settings.failover_cooldown,
+                )
+                for p in tables
+            ],
+            backoff=settings.failover_backoff,
+        )
+        providers: list[Provider] = list(upstreams)
         fallback: Provider | None = None
         if settings.local.enabled:
             # Imported here: llama-cpp-python is only loaded when the local model is wanted.
@@ -48,11 +66,19 @@ class ProviderRegistry:
             providers.insert(0, local)
             if len(providers) == 1:
                 fallback = local
-        return cls(providers, fallback=fallback, default_model=settings.default_model)
+        return cls(
+            providers,
+            fallback=fallback,
+            default_model=settings.default_model,
+            deployments=deployments,
+        )
 
     def resolve(self, model: str) -> Provider:
+        """The provider for ``model``: with several deployments, one that fails over among them."""
         for provider in self.providers:
             if provider.serves(model):
+                if provider in self._deployments:
+                    return self._deployments.resolve(model) or provider
                 return provider
         if self.fallback is not None:
             return self.fallback

@@ -28,6 +28,7 @@ import orjson
 
 from tokenrelay.errors import TokenrelayError
 from tokenrelay.providers.base import Provider, ProviderRequest
+from tokenrelay.providers.deployments import Deployments
 from tokenrelay.providers.openai_compat import OpenAICompatibleProvider
 from tokenrelay.providers.registry import ProviderRegistry
 from tokenrelay.relay.generation import Generation
@@ -277,6 +278,9 @@ async def _open_renamed(
 
 
 def _drops_unsupported_tools(provider: Provider) -> bool:
-    return isinstance(provider, OpenAICompatibleProvider) and (
-        provider.settings.drop_unsupported_tools
+    """Only when every deployment that may answer would: the request is translated once."""
+    members = provider.providers if isinstance(provider, Deployments) else (provider,)
+    return all(
+        isinstance(member, OpenAICompatibleProvider) and member.settings.drop_unsupported_tools
+        for member in members
     )
