@@ -22,7 +22,7 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from tokenrelay.errors import TokenrelayError
-from tokenrelay.relay.generation import Generation, error_event
+from tokenrelay.relay.generation import Reader, error_event
 from tokenrelay.sse import PING, event_id_prefix
 
 __all__ = ["RAW_SEND", "SSE_HEADERS", "STREAM_HEADER", "EventStreamResponse"]
@@ -52,7 +52,7 @@ class EventStreamResponse(StreamingResponse):
         stream_id: str,
         entries: AsyncIterator[tuple[int, bytes]],
         *,
-        reader_of: Generation | None = None,
+        reader_of: Reader | None = None,
         preamble: bytes = b"",
         ping_interval: float = 15.0,
         headers: Mapping[str, str] | None = None,

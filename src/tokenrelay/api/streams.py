@@ -67,7 +67,7 @@ async def read_stream(
     return EventStreamResponse(
         stream_id,
         entries,
-        reader_of=generations.get(stream_id),
+        reader_of=generations.reader(stream_id),
         ping_interval=settings_of(request).ping_interval,
     )
 

@@ -33,6 +33,7 @@ from tokenrelay.streams import LogWriter
 __all__ = [
     "ChatChunks",
     "Generation",
+    "Reader",
     "Recorder",
     "Shape",
     "StreamOpener",
@@ -135,6 +136,19 @@ class Recorder(Protocol):
 
     async def finish(self, status: MessageStatus, error: str | None) -> None:
         """Save the outcome; never raises for storage trouble (it is logged)."""
+        ...
+
+
+class Reader(Protocol):
+    """What a connection reading an answer's log tells the answer (``Generation`` itself, or
+    the process running it, for a reader on another process)."""
+
+    def attach(self) -> None:
+        """A connection started reading."""
+        ...
+
+    def detach(self) -> None:
+        """That connection stopped reading."""
         ...
 
 

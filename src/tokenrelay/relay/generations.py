@@ -8,7 +8,10 @@ workers or replicas):
   process starting up marks ``interrupted`` only answers whose owner really stopped;
 - keys held for the life of an answer (``busy:<conversation id>``), renewed the same way;
 - a cancel broadcast: a cancel for a stream running elsewhere is published, and the process
-  running it cancels it.
+  running it cancels it;
+- readers on other processes: a connection reading a stream that runs elsewhere (a client that
+  resumed on another replica) is announced to the process running it, where it counts like a
+  local reader, so the answer's grace period never cuts it off.
 
 One task per process renews every lease and key; nothing here runs per chunk.
 """
@@ -19,10 +22,11 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from collections.abc import Iterable
+from collections.abc import Coroutine, Iterable
+from typing import Any
 
 from tokenrelay.errors import StreamNotFound
-from tokenrelay.relay.generation import Generation, Recorder, Shape, StreamOpener
+from tokenrelay.relay.generation import Generation, Reader, Recorder, Shape, StreamOpener
 from tokenrelay.state import SharedState, Subscription
 from tokenrelay.storage.models import MessageStatus
 from tokenrelay.streams import EventLog, new_stream_id
@@ -32,6 +36,7 @@ __all__ = ["Generations", "answer_lease"]
 logger = logging.getLogger(__name__)
 
 _CANCEL_CHANNEL = "cancel"
+_READERS_CHANNEL = "readers"  # "+<stream id>" when a reader starts elsewhere, "-<stream id>" ends
 
 
 def answer_lease(stream_id: str) -> str:
@@ -49,11 +54,16 @@ class Generations:
         self.owner = "proc_" + secrets.token_hex(8)  # this process, in leases
         self._running: dict[str, Generation] = {}
         self._held: dict[str, str] = {}  # shared-state key -> the token holding it
+        self._remote_readers: dict[str, int] = {}  # stream id -> readers elsewhere, counted here
         self._renewer: asyncio.Task[None] | None = None
-        self._subscription: Subscription | None = None
+        self._subscriptions: list[Subscription] = []
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
-        self._subscription = await self.state.subscribe(_CANCEL_CHANNEL, self._on_cancel)
+        self._subscriptions = [
+            await self.state.subscribe(_CANCEL_CHANNEL, self._on_cancel),
+            await self.state.subscribe(_READERS_CHANNEL, self._on_reader),
+        ]
         self._renewer = asyncio.create_task(self._renew_forever(), name="lease renewer")
 
     async def aclose(self) -> None:
@@ -65,8 +75,9 @@ class Generations:
         if self._renewer is not None:
             self._renewer.cancel()
             await asyncio.gather(self._renewer, return_exceptions=True)
-        if self._subscription is not None:
-            await self._subscription.aclose()
+        for subscription in self._subscriptions:
+            await subscription.aclose()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         for key, token in list(self._held.items()):
             await self.release(key, token)
 
@@ -102,6 +113,7 @@ class Generations:
 
     def _ended(self, stream_id: str, keys: list[tuple[str, str]]) -> None:
         self._running.pop(stream_id, None)
+        self._remote_readers.pop(stream_id, None)
         for key, token in keys:
             if self._held.get(key) == token:
                 del self._held[key]
@@ -110,6 +122,14 @@ class Generations:
 
     def get(self, stream_id: str) -> Generation | None:
         return self._running.get(stream_id)
+
+    def reader(self, stream_id: str) -> Reader:
+        """What a connection reading ``stream_id`` reports to: the answer, if it runs here;
+        otherwise whichever process runs it (if any), through the shared state."""
+        generation = self._running.get(stream_id)
+        if generation is not None:
+            return generation
+        return _RemoteReader(self, stream_id)
 
     async def hold(self, key: str) -> str | None:
         """Take ``key`` for an answer about to start; its token, or None if another has it."""
@@ -157,6 +177,26 @@ class Generations:
         if generation is not None:
             generation.cancel()
 
+    def _on_reader(self, message: str) -> None:
+        sign, stream_id = message[:1], message[1:]
+        generation = self._running.get(stream_id)
+        if generation is None:
+            return  # it runs elsewhere, or nowhere any more
+        count = self._remote_readers.get(stream_id, 0)
+        if sign == "+":
+            self._remote_readers[stream_id] = count + 1
+            generation.attach()
+        elif count > 0:  # never more detaches than attaches seen here
+            self._remote_readers[stream_id] = count - 1
+            generation.detach()
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Run ``work`` in a task this object keeps until it is done."""
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
     async def _renew_forever(self) -> None:
         while True:
             await asyncio.sleep(self.lease_seconds / 3)
@@ -165,6 +205,30 @@ class Generations:
                     await self.state.renew(key, token, self.lease_seconds)
                 except Exception:
                     logger.exception("renewing %s failed; retrying", key)
+
+
+class _RemoteReader:
+    """A reader here of an answer that runs on another process: announced there, where it
+    counts like a local reader (``Generations._on_reader``)."""
+
+    def __init__(self, generations: Generations, stream_id: str) -> None:
+        self._generations = generations
+        self._stream_id = stream_id
+        self._attached: asyncio.Task[None] | None = None
+
+    def attach(self) -> None:
+        self._attached = self._generations._spawn(self._publish("+"))
+
+    def detach(self) -> None:
+        self._generations._spawn(self._publish("-", after=self._attached))
+
+    async def _publish(self, sign: str, *, after: asyncio.Task[None] | None = None) -> None:
+        if after is not None:  # in order: a detach never overtakes its attach
+            await asyncio.gather(after, return_exceptions=True)
+        try:
+            await self._generations.state.publish(_READERS_CHANNEL, sign + self._stream_id)
+        except Exception:
+            logger.exception("announcing a reader of %s failed", self._stream_id)
 
 
 def _log_failure(task: asyncio.Task[object]) -> None:
