@@ -183,7 +183,9 @@ class ChatService:
         one process cannot both start an answer; then the shared key ``busy:<id>`` is taken, so
         neither can two processes. The answer's ``Generation`` holds that key while it runs.
         """
-        if conversation_id in self._claims or conversation_id in self._running:
+        running = self._running.get(conversation_id)
+        # An answer that has finished (its log about to end) no longer holds the conversation.
+        if conversation_id in self._claims or (running is not None and not running.finished):
             raise _busy()
         claim = self._claims[conversation_id] = _Claim()
         key = f"busy:{conversation_id}"

@@ -12,9 +12,10 @@ on for ``grace`` seconds and is then cancelled, so nobody pays for tokens no one
 plain ``/v1`` request has a grace of 0 (the upstream is closed the moment its client leaves, as
 before), a conversation or a resumable request a longer one.
 
-A ``Recorder`` (a conversation's stored message) sees every chunk and the outcome; a ``Shape``
-decides which log entries a chunk becomes (the chat chunks as they came, or the Responses API's
-events translated from them).
+A ``Recorder`` (a conversation's stored message) sees every chunk and the outcome; ``settle``
+runs once it is saved, before the log ends (releasing what the answer held); a ``Shape``
+decides which log entries a chunk becomes (the chat chunks as they came, or the Responses
+API's events translated from them).
 """
 
 from __future__ import annotations
@@ -163,6 +164,7 @@ class Generation:
         grace: float,
         shape: Shape | None = None,
         recorder: Recorder | None = None,
+        settle: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.stream_id = writer.stream_id
         self.grace = grace
@@ -171,6 +173,7 @@ class Generation:
         self._writer = writer
         self._shape: Shape = shape or ChatChunks()
         self._recorder = recorder
+        self._settle = settle
         self._stream: AsyncGenerator[bytes, None] | None = None
         self._refusal: TokenrelayError | None = None
         self._final_status = MessageStatus.STOPPED
@@ -252,9 +255,15 @@ class Generation:
                 await self._stream.aclose()
             except Exception:  # the answer is saved all the same
                 logger.exception("closing the stream of %s failed", self.stream_id)
-        # Saved before the log ends: a reader who sees the end and reloads finds it saved.
+        # Saved, and settled (its conversation free again), before the log ends: a reader who
+        # sees the end and reloads finds it saved, and may ask the next question at once.
         if self._recorder is not None:
             await self._recorder.finish(self.status, self.error)
+        if self._settle is not None:
+            try:
+                await self._settle()
+            except Exception:
+                logger.exception("settling %s failed", self.stream_id)
         try:
             await self._writer.end(tail)
         except Exception:

@@ -13,7 +13,9 @@ workers or replicas):
   resumed on another replica) is announced to the process running it, where it counts like a
   local reader, so the answer's grace period never cuts it off.
 
-One task per process renews every lease and key; nothing here runs per chunk.
+Keys an answer holds are released once it is saved and before its log ends, so a reader who
+sees the end may ask the next question at once, on any replica. One task per process renews
+every lease and key; nothing here runs per chunk.
 """
 
 from __future__ import annotations
@@ -106,15 +108,32 @@ class Generations:
             await self.state.claim(key, self.owner, self.lease_seconds)
             self._held[key] = self.owner
             keys.append((key, self.owner))
-        generation = Generation(open_stream, writer, grace=grace, shape=shape, recorder=recorder)
+        generation = Generation(
+            open_stream,
+            writer,
+            grace=grace,
+            shape=shape,
+            recorder=recorder,
+            settle=(lambda: self._release_all(keys)) if keys else None,
+        )
         self._running[stream_id] = generation
         generation.task.add_done_callback(lambda _: self._ended(stream_id, keys))
         return generation
 
+    async def _release_all(self, keys: list[tuple[str, str]]) -> None:
+        """Release an ended answer's keys; bounded, as they expire on their own anyway."""
+        try:
+            async with asyncio.timeout(self.lease_seconds):
+                for key, token in keys:
+                    if self._held.get(key) == token:
+                        await self.release(key, token)
+        except TimeoutError:
+            logger.error("releasing the keys of an answer took too long; they will expire")
+
     def _ended(self, stream_id: str, keys: list[tuple[str, str]]) -> None:
         self._running.pop(stream_id, None)
         self._remote_readers.pop(stream_id, None)
-        for key, token in keys:
+        for key, token in keys:  # any ``_release_all`` did not get to
             if self._held.get(key) == token:
                 del self._held[key]
                 task = asyncio.create_task(self.state.release(key, token))
