@@ -211,15 +211,18 @@ def relay_to(
     *,
     extra: dict[str, str | float] | None = None,
     env: dict[str, str] | None = None,
+    args: Sequence[str] = (),
 ) -> Iterator[Relay]:
     """Run a tokenrelay that only relays, to ``fake`` as provider ``fake``, until the block ends.
 
-    ``extra`` adds fields to the provider's table (such as timeouts); ``env`` adds settings.
+    ``extra`` adds fields to the provider's table (such as timeouts); ``env`` adds settings;
+    ``args`` are added to ``serve``'s command line.
     """
     with start_tokenrelay(
         tmp_path,
         config_toml=fake_provider_toml(fake.base_url, extra=extra),
         env={**NO_LOCAL_MODEL, **(env or {})},
+        args=args,
     ) as relay:
         yield relay
 

@@ -23,6 +23,7 @@ __all__ = [
     "error_of",
     "open_stream",
     "read_stream",
+    "send_message",
     "text_of",
 ]
 
@@ -65,7 +66,9 @@ async def entries(response: httpx.Response, *, preamble: bool = False) -> AsyncI
             elif line:
                 assert line.startswith(prefix), f"expected an id line, got {line!r}"
                 seq = int(line[len(prefix) :])
-                assert last is None or seq == last + 1, f"entry {seq} after entry {last}"
+                # Consecutive; an error event tokenrelay adds at the end (``interrupted``) carries
+                # the number of the last entry, as it is not in the log.
+                assert last is None or last <= seq <= last + 1, f"entry {seq} after {last}"
             continue
         if line:
             lines.append(line)
@@ -134,3 +137,16 @@ async def read_stream(
         assert response.status_code == 200, await response.aread()
         assert response.headers["x-tokenrelay-stream"] == stream_id
         yield entries(response)
+
+
+@asynccontextmanager
+async def send_message(
+    client: httpx.AsyncClient, conversation_id: str, content: str
+) -> AsyncIterator[tuple[str, AsyncIterator[Entry]]]:
+    """Send a message in a conversation; the answer's stream id and entries (after the
+    preamble naming the stored messages) until the block ends."""
+    async with client.stream(
+        "POST", f"/api/conversations/{conversation_id}/messages", json={"content": content}
+    ) as response:
+        assert response.status_code == 200, await response.aread()
+        yield response.headers["x-tokenrelay-stream"], entries(response, preamble=True)
