@@ -15,7 +15,7 @@ import os
 import random
 import time
 from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
+from contextlib import AsyncExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -265,6 +265,47 @@ async def test_killed_replica_ends_its_readers_elsewhere_with_interrupted(
         assert error["code"] == "interrupted"
         assert "data: [DONE]" not in events[-1][1]
     assert ended_at - killed_at < INTERRUPTED_WITHIN
+
+
+async def test_answers_of_a_killed_replica_end_interrupted_on_stop_or_next_question(
+    cluster: Cluster, two: Relay, fake_upstream: FakeUpstream
+) -> None:
+    """With no replica restarted: a Stop through another replica, or the next question, finds
+    the dead replica's answer and marks it ``interrupted``, not ``stopped`` nor left
+    ``streaming`` (answering) for ever."""
+    async with _client(two) as second, asyncio.timeout(INTERRUPTED_WITHIN + 60):
+        stopped_id = await _conversation(second, cluster)
+        asked_id = await _conversation(second, cluster)
+        with cluster.replica("doomed") as doomed:
+            async with _client(doomed) as there, AsyncExitStack() as held:
+                for gate, conversation_id in (("stopped", stopped_id), ("asked", asked_id)):
+                    fake_upstream.defaults = {"tokens": 20, "gate": gate, "gate_after": 3}
+                    stream_id, got = await held.enter_async_context(
+                        send_message(there, conversation_id, "Hello?")
+                    )
+                    cluster.streams.add(stream_id)
+                    assert [await anext(got) for _ in range(4)]
+                _kill(doomed)
+        stop = await second.post(f"/api/conversations/{stopped_id}/stop")
+        stopped = (await second.get(f"/api/conversations/{stopped_id}")).json()
+        fake_upstream.defaults = {"tokens": 2}
+        async with send_message(second, asked_id, "Anyone?") as (next_stream, got):
+            cluster.streams.add(next_stream)
+            answered = await _rest(got)
+        asked = (await second.get(f"/api/conversations/{asked_id}")).json()
+
+    assert stop.json() == {"stopped": True}
+    assert stopped["messages"][-1]["status"] == "interrupted"
+    assert expected_text(3).startswith(stopped["messages"][-1]["content"])  # saved each second
+    assert not stopped["answering"]
+    assert text_of(answered) == expected_text(2)
+    assert [m["status"] for m in asked["messages"]] == [
+        "complete",
+        "interrupted",
+        "complete",
+        "complete",
+    ]
+    assert not asked["answering"]
 
 
 async def test_restarted_replica_marks_only_dead_answers_interrupted(

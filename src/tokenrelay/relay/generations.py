@@ -31,7 +31,7 @@ from tokenrelay.errors import StreamNotFound
 from tokenrelay.relay.generation import Generation, Reader, Recorder, Shape, StreamOpener
 from tokenrelay.state import SharedState, Subscription
 from tokenrelay.storage.models import MessageStatus
-from tokenrelay.streams import EventLog, new_stream_id
+from tokenrelay.streams import INTERRUPTED_EVENT, EventLog, new_stream_id
 
 __all__ = ["Generations", "answer_lease"]
 
@@ -178,18 +178,21 @@ class Generations:
         await self.state.publish(_CANCEL_CHANNEL, stream_id)
         return False
 
-    async def wait_ended(self, stream_id: str) -> None:
-        """Return once the answer ``stream_id`` has ended: here its task, elsewhere its log.
+    async def wait_ended(self, stream_id: str) -> bool:
+        """Return once the answer ``stream_id`` has ended: here its task, elsewhere its log;
+        True if its log ended ``interrupted`` (the process writing it died).
 
         Bound it with ``asyncio.timeout``: the process running it may be gone.
         """
         generation = self._running.get(stream_id)
         if generation is not None:
             await asyncio.gather(generation.task, return_exceptions=True)
-            return
+            return False
+        last = b""
         with contextlib.suppress(StreamNotFound):
-            async for _ in await self.log.read(stream_id, 0):
-                pass
+            async for _, chunk in await self.log.read(stream_id, 0):
+                last = chunk
+        return last == INTERRUPTED_EVENT
 
     def _on_cancel(self, stream_id: str) -> None:
         generation = self._running.get(stream_id)
