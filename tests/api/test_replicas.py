@@ -166,6 +166,28 @@ async def _read(client: httpx.AsyncClient, stream_id: str, after: int) -> AsyncI
             yield entry
 
 
+async def test_cancel_through_the_other_replica_stops_the_answer_for_every_reader(
+    cluster: Cluster, one: Relay, two: Relay, fake_upstream: FakeUpstream
+) -> None:
+    async with _client(one) as first, _client(two) as second, asyncio.timeout(60):
+        body = chat_body(tokens=50, gate="cancel", gate_after=3)
+        async with open_stream(first, body) as (stream_id, got):
+            cluster.streams.add(stream_id)
+            record = fake_upstream.last_request()
+            async with read_stream(second, stream_id) as watching:
+                had = [await anext(got) for _ in range(4)]
+                watched = [await anext(watching) for _ in range(4)]
+                cancelled = await second.post(f"/api/streams/{stream_id}/cancel")
+                had += await _rest(got)
+                watched += await _rest(watching)
+
+    assert cancelled.json() == {"cancelled": True}
+    assert await asyncio.to_thread(record.wait_for_outcome, 5) == "abandoned"
+    assert watched == had
+    assert had[-1][1] == "data: [DONE]"
+    assert text_of(had) == expected_text(3)
+
+
 async def test_conversation_written_through_one_is_read_and_stopped_through_the_other(
     cluster: Cluster, one: Relay, two: Relay, fake_upstream: FakeUpstream
 ) -> None:
