@@ -127,6 +127,25 @@ def _kill(relay: Relay) -> None:
     relay.proc.wait(timeout=10)
 
 
+async def _read(client: httpx.AsyncClient, stream_id: str, after: int) -> AsyncIterator[Entry]:
+    async with read_stream(client, stream_id, after) as got:
+        async for entry in got:
+            yield entry
+
+
+async def _collect(client: httpx.AsyncClient, stream_id: str, after: int) -> list[Entry]:
+    return [entry async for entry in _read(client, stream_id, after)]
+
+
+def _wait_for_lease_to_lapse(stream_id: str, timeout: float = LEASE + 10) -> None:
+    """Until no process holds the answer's owner lease (the killed one renews it no more)."""
+    deadline = time.monotonic() + timeout
+    with redis.Redis.from_url(REDIS_URL) as client:
+        while client.exists(f"tokenrelay:answer:{stream_id}"):
+            assert time.monotonic() < deadline, f"the lease of {stream_id} did not lapse"
+            time.sleep(0.05)  # polling with a deadline
+
+
 async def test_stream_started_on_one_replica_resumes_on_the_other(
     cluster: Cluster, one: Relay, two: Relay, fake_upstream: FakeUpstream
 ) -> None:
@@ -158,12 +177,6 @@ async def test_stream_started_on_one_replica_resumes_on_the_other(
     assert [seq for seq, _ in had] == list(range(1, len(had) + 1))
     assert had[-1][1] == "data: [DONE]"
     assert late == had[after:], seed
-
-
-async def _read(client: httpx.AsyncClient, stream_id: str, after: int) -> AsyncIterator[Entry]:
-    async with read_stream(client, stream_id, after) as got:
-        async for entry in got:
-            yield entry
 
 
 async def test_cancel_through_the_other_replica_stops_the_answer_for_every_reader(
@@ -369,15 +382,6 @@ async def test_restarted_replica_marks_only_dead_answers_interrupted(
     assert text_of(answered) == expected_text(2)
 
 
-def _wait_for_lease_to_lapse(stream_id: str, timeout: float = LEASE + 10) -> None:
-    """Until no process holds the answer's owner lease (the killed one renews it no more)."""
-    deadline = time.monotonic() + timeout
-    with redis.Redis.from_url(REDIS_URL) as client:
-        while client.exists(f"tokenrelay:answer:{stream_id}"):
-            assert time.monotonic() < deadline, f"the lease of {stream_id} did not lapse"
-            time.sleep(0.05)  # polling with a deadline
-
-
 async def test_serve_workers_resume_across_workers(
     fake_upstream: FakeUpstream, tmp_path: Path
 ) -> None:
@@ -411,7 +415,3 @@ async def test_serve_workers_resume_across_workers(
     for after, rest in zip(points, results, strict=True):
         assert text_of(had[:after] + rest) == expected_text(30), f"after {after} ({seed})"
         assert rest[-1][1] == "data: [DONE]"
-
-
-async def _collect(client: httpx.AsyncClient, stream_id: str, after: int) -> list[Entry]:
-    return [entry async for entry in _read(client, stream_id, after)]

@@ -125,8 +125,9 @@ async def test_200_drop_points_each_resume_to_the_exact_answer(
     server: Server, peer: Server
 ) -> None:
     """Half the readers resume the moment they dropped (following the live rest), half after
-    the answer ended (all from the log); each gets exactly the entries after its drop. Every
-    other one resumes on ``peer`` (with Redis, another process)."""
+    the answer ended (all from the log); each gets exactly the entries after its drop. About
+    half resume on ``peer`` (with Redis, another process); odd drop points resume with the
+    ``last_event_id`` parameter, the others with the ``Last-Event-ID`` header."""
     rng, seed = _rng()
     drops = [rng.randint(0, LONG_ENTRIES) for _ in range(DROPS)]
     live = {d for i, d in enumerate(drops) if i % 2 == 0}
