@@ -16,7 +16,7 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Generator, Iterator
+from collections.abc import AsyncIterator, Generator, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,12 +136,14 @@ def start_tokenrelay(
     config_toml: str | None = None,
     env: dict[str, str] | None = None,
     host: str = "127.0.0.1",
+    args: Sequence[str] = (),
 ) -> Iterator[Relay]:
     """Run ``python -m tokenrelay serve`` on a free port until the block ends.
 
     Returns once ``GET /health`` answers 200; the server gets a fresh SQLite file in
     ``tmp_path`` and only the configuration given here. ``host`` is the address it binds
-    (``0.0.0.0`` for all); the tests reach it at 127.0.0.1 either way.
+    (``0.0.0.0`` for all); the tests reach it at 127.0.0.1 either way. ``args`` are added to
+    ``serve``'s command line (``--workers 2``).
     """
     tmp_path.mkdir(parents=True, exist_ok=True)
     port = _free_port()
@@ -154,7 +156,7 @@ def start_tokenrelay(
         settings["TOKENRELAY_CONFIG"] = str(config_path)
     log_path = tmp_path / f"tokenrelay-{port}.log"
     command = [sys.executable, "-m", "tokenrelay", "serve", "--host", host]
-    command += ["--port", str(port)]
+    command += ["--port", str(port), *args]
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
             command,
@@ -209,15 +211,18 @@ def relay_to(
     *,
     extra: dict[str, str | float] | None = None,
     env: dict[str, str] | None = None,
+    args: Sequence[str] = (),
 ) -> Iterator[Relay]:
     """Run a tokenrelay that only relays, to ``fake`` as provider ``fake``, until the block ends.
 
-    ``extra`` adds fields to the provider's table (such as timeouts); ``env`` adds settings.
+    ``extra`` adds fields to the provider's table (such as timeouts); ``env`` adds settings;
+    ``args`` are added to ``serve``'s command line.
     """
     with start_tokenrelay(
         tmp_path,
         config_toml=fake_provider_toml(fake.base_url, extra=extra),
         env={**NO_LOCAL_MODEL, **(env or {})},
+        args=args,
     ) as relay:
         yield relay
 

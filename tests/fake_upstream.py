@@ -12,6 +12,9 @@ send through the openai SDK's ``extra_body`` and which tokenrelay forwards like 
 ``first_delay``  seconds between the response headers and the first chunk (or, unstreamed, the body)
 ``headers_delay`` seconds before the response headers are sent at all
 ``fail_after``   abort the TCP connection after that many content chunks (no last chunk, no [DONE])
+``gate``         a name: after ``gate_after`` content chunks (default 0), hold the stream until the
+                 test calls ``FakeUpstream.open_gate(name)`` (a gate opened earlier stays open), so
+                 a test can act while an answer is known to be mid-stream, with no sleeps
 ``status``       answer this HTTP status in OpenAI's error shape; the message quotes ``LEAKED_KEY``
 ``retry_after``  sent as ``Retry-After`` with ``status``
 ``message``      replaces the error message of ``status``
@@ -176,6 +179,8 @@ class _Behaviour:
     first_delay: float = 0.0
     headers_delay: float = 0.0
     fail_after: int | None = None
+    gate: str | None = None
+    gate_after: int = 0
     status: int | None = None
     retry_after: str | None = None
     message: str | None = None
@@ -215,6 +220,8 @@ class _Behaviour:
             first_delay=_number(options, "first_delay", float, 0.0, minimum=0),
             headers_delay=_number(options, "headers_delay", float, 0.0, minimum=0),
             fail_after=_number(options, "fail_after", int, None, minimum=0),
+            gate=_optional_str(options, "gate"),
+            gate_after=_number(options, "gate_after", int, 0, minimum=0),
             status=_number(options, "status", int, None, minimum=100),
             retry_after=_optional_str(options, "retry_after"),
             message=_optional_str(options, "message"),
@@ -357,6 +364,7 @@ class FakeUpstream:
         self._seen = 0
         self._ids = itertools.count(1)
         self._changed = threading.Condition()
+        self._gates: dict[str, asyncio.Event] = {}  # used on the server's loop only
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._runner: web.AppRunner | None = None
@@ -446,6 +454,26 @@ class FakeUpstream:
             self._seen = 0
         # A new dict rather than clear(): the server thread may be reading the old one right now.
         self.defaults = {}
+        if self._loop is not None:
+            # Streams held at a gate are released, so no handler outlives the test that set it.
+            self._loop.call_soon_threadsafe(self._reset_gates)
+
+    def open_gate(self, name: str) -> None:
+        """Let every stream held at gate ``name`` go on, and any that reaches it later."""
+        if self._loop is None:
+            raise RuntimeError("FakeUpstream is not started")
+        self._loop.call_soon_threadsafe(lambda: self._gate(name).set())
+
+    def _gate(self, name: str) -> asyncio.Event:
+        gate = self._gates.get(name)
+        if gate is None:
+            gate = self._gates[name] = asyncio.Event()
+        return gate
+
+    def _reset_gates(self) -> None:
+        for gate in self._gates.values():
+            gate.set()
+        self._gates = {}
 
     def last_request(self, timeout: float = 5.0) -> RecordedRequest:
         """Wait until a request arrives that no earlier call returned, and return the newest.
@@ -762,6 +790,8 @@ class FakeUpstream:
                 return self._abort(request, record)
             if content and sent in (behaviour.end_after, behaviour.error_after):
                 return await self._end_early(response, write, behaviour)
+            if content and behaviour.gate is not None and sent == behaviour.gate_after:
+                await self._gate(behaviour.gate).wait()
             if behaviour.delay and not first:
                 await asyncio.sleep(behaviour.delay)
             first = False
@@ -775,6 +805,8 @@ class FakeUpstream:
             return self._abort(request, record)
         if sent in (behaviour.end_after, behaviour.error_after):
             return await self._end_early(response, write, behaviour)
+        if behaviour.gate is not None and sent == behaviour.gate_after:  # held before the end
+            await self._gate(behaviour.gate).wait()
 
         if behaviour.delay and not first:
             await asyncio.sleep(behaviour.delay)

@@ -108,6 +108,21 @@ def test_help_teaches_each_command(
             assert word in output, f"`{' '.join(command)} {flag}` does not mention {word}"
 
 
+# -- serve ---------------------------------------------------------------------------------------
+
+
+def test_serve_with_workers_and_no_redis_refuses_to_start(tmp_path: Path) -> None:
+    port = str(_free_port())
+
+    result = _tokenrelay(
+        "serve", "--workers", "2", "--port", port, env=_env(tmp_path), cwd=tmp_path
+    )
+
+    error = _failed_cleanly(result)
+    assert len(error.strip().splitlines()) == 1, error
+    assert "--workers 2 needs TOKENRELAY_REDIS_URL" in error
+
+
 # -- ask -----------------------------------------------------------------------------------------
 
 

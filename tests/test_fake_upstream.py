@@ -142,6 +142,39 @@ def test_client_leaving_is_recorded_as_abandoned(fake_upstream: FakeUpstream) ->
     assert record.outcome_at - closed_at < 0.2
 
 
+@pytest.mark.parametrize("gate_after", [2, 4], ids=["mid-stream", "before-the-end"])
+def test_gate_holds_the_stream_until_opened(fake_upstream: FakeUpstream, gate_after: int) -> None:
+    body = _chat({"tokens": 4, "gate": "g", "gate_after": gate_after}, stream=True)
+    url = f"{fake_upstream.base_url}/chat/completions"
+    with httpx.stream("POST", url, json=body, timeout=10) as response:
+        lines = (line for line in response.iter_lines() if line.startswith("data: "))
+        # The role chunk, then the content chunks before the gate.
+        held = [next(lines) for _ in range(gate_after + 1)]
+        assert expected_text(gate_after).split()[-1] in held[-1]
+        record = fake_upstream.last_request()
+        assert record.outcome is None
+        fake_upstream.open_gate("g")
+        rest = list(lines)
+
+    assert rest[-1] == "data: [DONE]"
+    assert record.wait_for_outcome(5) == "completed"
+    text = "".join(
+        json.loads(line[6:])["choices"][0]["delta"].get("content") or ""
+        for line in held + rest[:-1]
+    )
+    assert text == expected_text(4)
+
+
+def test_reset_releases_streams_held_at_a_gate(fake_upstream: FakeUpstream) -> None:
+    body = _chat({"tokens": 3, "gate": "g", "gate_after": 1}, stream=True)
+    url = f"{fake_upstream.base_url}/chat/completions"
+    with httpx.stream("POST", url, json=body, timeout=10) as response:
+        lines = response.iter_lines()
+        assert next(lines).startswith("data: ")
+        fake_upstream.reset()
+        assert list(lines)[-2:] == ["data: [DONE]", ""]
+
+
 def test_status_answers_in_openai_error_shape(fake_upstream: FakeUpstream) -> None:
     body = _chat({"status": 429, "retry_after": 7})
     response = httpx.post(f"{fake_upstream.base_url}/chat/completions", json=body)

@@ -43,7 +43,13 @@ def main(config: Path | None) -> None:
 @main.command()
 @click.option("--host", default=None, help="Address to listen on [default: 127.0.0.1].")
 @click.option("--port", type=int, default=None, help="Port to listen on [default: 8000].")
-@click.option("--workers", type=int, default=1, show_default=True, help="Worker processes.")
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Worker processes; more than one needs Redis (TOKENRELAY_REDIS_URL).",
+)
 @click.option("--reload", is_flag=True, help="Restart when the code changes (development).")
 def serve(host: str | None, port: int | None, workers: int, reload: bool) -> None:
     """Start the HTTP server: the OpenAI API under /v1, the tutorial's /api/ask, docs at /docs."""
@@ -57,6 +63,14 @@ def serve(host: str | None, port: int | None, workers: int, reload: bool) -> Non
         # request guards answer to it).
         os.environ["TOKENRELAY_HOST"] = host
     settings = Settings()
+    if workers > 1 and not reload and settings.redis_url is None:
+        # Each worker would keep its own streams, leases and cancels: a resume, a Stop or a
+        # second question landing on another worker would not find the answer.
+        raise click.ClickException(
+            f"--workers {workers} needs TOKENRELAY_REDIS_URL: without Redis each worker keeps "
+            "its own streams and shared state, so streams could not be resumed or stopped "
+            "across workers."
+        )
     if settings.local.enabled and settings.local.load == "eager":
         from tokenrelay.errors import TokenrelayError
         from tokenrelay.providers.local import check_model

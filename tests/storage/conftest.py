@@ -9,7 +9,6 @@ the PostgreSQL half is skipped, except on CI (``CI=true``), where it fails.
 from __future__ import annotations
 
 import asyncio
-import getpass
 import os
 import secrets
 import sqlite3
@@ -21,30 +20,18 @@ import pytest
 import pytest_asyncio
 import sqlalchemy as sa
 
+from postgres_server import POSTGRES_URL_ENV, asyncpg_dsn, fresh_database, postgres_candidates
 from tokenrelay.storage import ConversationStore, Database
-
-POSTGRES_URL_ENV = "TOKENRELAY_TEST_POSTGRES_URL"
-
-
-def _postgres_candidates() -> list[str]:
-    if os.environ.get(POSTGRES_URL_ENV):
-        return [os.environ[POSTGRES_URL_ENV]]
-    users = dict.fromkeys(["postgres", getpass.getuser()])
-    return [f"postgresql+asyncpg://{user}@127.0.0.1:5432/test" for user in users]
-
-
-def _asyncpg_dsn(url: sa.URL) -> str:
-    return url.set(drivername="postgresql").render_as_string(hide_password=False)
 
 
 @pytest_asyncio.fixture(scope="session", loop_scope="session")
 async def postgres_admin_url() -> sa.URL:
     """A URL that can create databases, or a skip (a failure on CI) saying why there is none."""
     failures = []
-    for candidate in _postgres_candidates():
+    for candidate in postgres_candidates():
         url = sa.make_url(candidate)
         try:
-            connection = await asyncpg.connect(_asyncpg_dsn(url), timeout=5)
+            connection = await asyncpg.connect(asyncpg_dsn(url), timeout=5)
         except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             failures.append(f"{url.render_as_string()}: {exc!r}")
             continue
@@ -64,7 +51,7 @@ def sqlite_url(tmp_path: Path) -> str:
 @pytest.fixture
 async def postgresql_url(postgres_admin_url: sa.URL) -> AsyncIterator[str]:
     name = f"tokenrelay_test_{secrets.token_hex(6)}"
-    admin = await asyncpg.connect(_asyncpg_dsn(postgres_admin_url), timeout=5)
+    admin = await asyncpg.connect(asyncpg_dsn(postgres_admin_url), timeout=5)
     try:
         await admin.execute(f'CREATE DATABASE "{name}"')
         yield postgres_admin_url.set(database=name).render_as_string(hide_password=False)
@@ -76,7 +63,7 @@ async def postgresql_url(postgres_admin_url: sa.URL) -> AsyncIterator[str]:
 
 def _postgres_execute(url: sa.URL, sql: str) -> None:
     async def run() -> None:
-        connection = await asyncpg.connect(_asyncpg_dsn(url), timeout=5)
+        connection = await asyncpg.connect(asyncpg_dsn(url), timeout=5)
         try:
             await connection.execute(sql)
         finally:
@@ -95,12 +82,8 @@ def module_database_url(
         yield f"sqlite+aiosqlite:///{tmp_path_factory.mktemp('sqlite') / 'tokenrelay.db'}"
         return
     admin_url: sa.URL = request.getfixturevalue("postgres_admin_url")
-    name = f"tokenrelay_test_{secrets.token_hex(6)}"
-    _postgres_execute(admin_url, f'CREATE DATABASE "{name}"')
-    try:
-        yield admin_url.set(database=name).render_as_string(hide_password=False)
-    finally:
-        _postgres_execute(admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with fresh_database(admin_url) as url:
+        yield url
 
 
 def execute_sql(database_url: str, sql: str) -> None:

@@ -249,6 +249,21 @@ async def test_failed_answer_keeps_its_text_and_error(store: ConversationStore) 
     assert (replaced.content, replaced.status) == ("rewritten", MessageStatus.STOPPED)
 
 
+async def test_interrupting_changes_only_an_answer_still_streaming(
+    store: ConversationStore,
+) -> None:
+    conversation = await store.create_conversation()
+    orphan = await store.add_message(conversation.id, "assistant", "half", status="streaming")
+    ended = await store.add_message(conversation.id, "assistant", "all", status="stopped")
+
+    assert await store.interrupt_answer(orphan.id) is True
+    assert await store.interrupt_answer(orphan.id) is False
+    assert await store.interrupt_answer(ended.id) is False
+    interrupted = await store.get_message(orphan.id)
+    assert (interrupted.content, interrupted.status) == ("half", MessageStatus.INTERRUPTED)
+    assert (await store.get_message(ended.id)).status is MessageStatus.STOPPED
+
+
 async def test_update_refuses_content_and_append_together(store: ConversationStore) -> None:
     conversation = await store.create_conversation()
     message = await store.add_message(conversation.id, "assistant", "x")

@@ -108,7 +108,7 @@ class ChatService:
     async def send(self, conversation_id: str, content: str, model: str | None = None) -> ChatTurn:
         """Store ``content`` as the user's next message and start the answer."""
         async with self._claim(conversation_id) as claim:
-            conversation = await self.store.get_conversation(conversation_id)
+            conversation = await self._settled(conversation_id)
             model = await self._model_for(conversation, model)
             user_message = await self.store.add_message(conversation_id, MessageRole.USER, content)
             if conversation.title is None and not conversation.messages:
@@ -119,7 +119,7 @@ class ChatService:
     async def regenerate(self, conversation_id: str, model: str | None = None) -> ChatTurn:
         """Answer the last user message again, replacing the answer after it."""
         async with self._claim(conversation_id) as claim:
-            conversation = await self.store.get_conversation(conversation_id)
+            conversation = await self._settled(conversation_id)
             model = await self._model_for(conversation, model)
             messages = list(conversation.messages)
             replaced = []
@@ -131,9 +131,11 @@ class ChatService:
                 claim, conversation, _history(messages), model, None, replaced
             )
 
-    async def stop(self, conversation_id: str, *, wait: float = 10.0) -> bool:
-        """Stop the answer being written, if any, and wait (``wait`` s at most) until it is
-        saved as ``stopped``; on another process, the cancel is published to it.
+    async def stop(self, conversation_id: str, *, wait: float | None = None) -> bool:
+        """Stop the answer being written, if any, and wait (``wait`` s at most, by default a
+        little longer than a lease) until it is saved as ``stopped``; on another process, the
+        cancel is published to it, and if that process has died the answer is saved as
+        ``interrupted`` once its lease has run out.
 
         A question still being stored has its answer stopped as soon as that answer exists, so
         a Stop works from the moment the user sent the question.
@@ -153,9 +155,13 @@ class ChatService:
         if answer is None or answer.stream_id is None:
             return False
         await self.generations.cancel(answer.stream_id)
+        if wait is None:
+            wait = self.generations.lease_seconds + 5
         with suppress(TimeoutError):
             async with asyncio.timeout(wait):
-                await self.generations.wait_ended(answer.stream_id)
+                if await self.generations.wait_ended(answer.stream_id):
+                    # The replica writing it died: say so, as one restarting would.
+                    await self.store.interrupt_answer(answer.id)
         return True
 
     async def delete(self, conversation_id: str) -> None:
@@ -170,6 +176,16 @@ class ChatService:
         finally:
             await self.stop(conversation_id)
 
+    async def _settled(self, conversation_id: str) -> ConversationDetail:
+        """The conversation, held by this request: an answer still ``streaming`` in it has no
+        writer (every answer holds the conversation while it runs), so the replica writing it
+        died; it is marked ``interrupted`` first, as a restarting replica would."""
+        conversation = await self.store.get_conversation(conversation_id)
+        for message in conversation.messages:
+            if message.status == MessageStatus.STREAMING:
+                await self.store.interrupt_answer(message.id)
+        return conversation
+
     async def _model_for(self, conversation: ConversationDetail, model: str | None) -> str:
         model = model or conversation.model or await self.registry.default_model()
         self.registry.resolve(model)  # an unknown model is refused before anything is stored
@@ -183,7 +199,9 @@ class ChatService:
         one process cannot both start an answer; then the shared key ``busy:<id>`` is taken, so
         neither can two processes. The answer's ``Generation`` holds that key while it runs.
         """
-        if conversation_id in self._claims or conversation_id in self._running:
+        running = self._running.get(conversation_id)
+        # An answer that has finished (its log about to end) no longer holds the conversation.
+        if conversation_id in self._claims or (running is not None and not running.finished):
             raise _busy()
         claim = self._claims[conversation_id] = _Claim()
         key = f"busy:{conversation_id}"

@@ -12,9 +12,10 @@ on for ``grace`` seconds and is then cancelled, so nobody pays for tokens no one
 plain ``/v1`` request has a grace of 0 (the upstream is closed the moment its client leaves, as
 before), a conversation or a resumable request a longer one.
 
-A ``Recorder`` (a conversation's stored message) sees every chunk and the outcome; a ``Shape``
-decides which log entries a chunk becomes (the chat chunks as they came, or the Responses API's
-events translated from them).
+A ``Recorder`` (a conversation's stored message) sees every chunk and the outcome; ``settle``
+runs once it is saved, before the log ends (releasing what the answer held); a ``Shape``
+decides which log entries a chunk becomes (the chat chunks as they came, or the Responses
+API's events translated from them).
 """
 
 from __future__ import annotations
@@ -141,11 +142,16 @@ class Recorder(Protocol):
 
 
 class Reader(Protocol):
-    """What a connection reading a log attaches to while it reads."""
+    """What a connection reading an answer's log tells the answer (``Generation`` itself, or
+    the process running it, for a reader on another process)."""
 
-    def attach(self) -> None: ...
+    def attach(self) -> None:
+        """A connection started reading."""
+        ...
 
-    def detach(self) -> None: ...
+    def detach(self) -> None:
+        """That connection stopped reading."""
+        ...
 
 
 class Generation:
@@ -159,7 +165,7 @@ class Generation:
         grace: float,
         shape: Shape | None = None,
         recorder: Recorder | None = None,
-        read_elsewhere: Callable[[], Awaitable[bool]] | None = None,
+        settle: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.stream_id = writer.stream_id
         self.grace = grace
@@ -169,15 +175,14 @@ class Generation:
         self._shape: Shape = shape or ChatChunks()
         self._passthrough = shape is None
         self._recorder = recorder
+        self._settle = settle
         self._stream: AsyncGenerator[bytes, None] | None = None
         self._refusal: TokenrelayError | None = None
         self._final_status = MessageStatus.STOPPED
         self._started = False
         self._cancelled = False
         self._readers = 0
-        self._read_elsewhere = read_elsewhere  # whether another process has readers of it
         self._grace_timer: asyncio.TimerHandle | None = None
-        self._checking: asyncio.Task[None] | None = None
         self._settled = asyncio.Event()  # the provider accepted, or the answer ended before that
         self._finished = asyncio.Event()
         self.task = asyncio.create_task(self._run(open_stream), name=f"generation {self.stream_id}")
@@ -258,9 +263,15 @@ class Generation:
                 await self._stream.aclose()
             except Exception:  # the answer is saved all the same
                 logger.exception("closing the stream of %s failed", self.stream_id)
-        # Saved before the log ends: a reader who sees the end and reloads finds it saved.
+        # Saved, and settled (its conversation free again), before the log ends: a reader who
+        # sees the end and reloads finds it saved, and may ask the next question at once.
         if self._recorder is not None:
             await self._recorder.finish(self.status, self.error)
+        if self._settle is not None:
+            try:
+                await self._settle()
+            except Exception:
+                logger.exception("settling %s failed", self.stream_id)
         try:
             await self._writer.end(tail)
         except Exception:
@@ -287,28 +298,9 @@ class Generation:
 
     def _grace_over(self) -> None:
         self._grace_timer = None
-        if self._readers > 0 or self.finished:
-            return
-        if self._read_elsewhere is None:
-            self._cancel_unread()
-        else:
-            self._checking = asyncio.create_task(self._check_elsewhere())
-
-    async def _check_elsewhere(self) -> None:
-        assert self._read_elsewhere is not None
-        if self._readers > 0 or self.finished:
-            return
-        if await self._read_elsewhere():  # a reader on another process: wait again
-            if self._readers == 0 and not self.finished:
-                self._grace_timer = asyncio.get_running_loop().call_later(
-                    self.grace, self._grace_over
-                )
-        elif self._readers == 0:
-            self._cancel_unread()
-
-    def _cancel_unread(self) -> None:
-        logger.info("nobody read %s for %g s: cancelled", self.stream_id, self.grace)
-        self.cancel()
+        if self._readers == 0:
+            logger.info("nobody read %s for %g s: cancelled", self.stream_id, self.grace)
+            self.cancel()
 
     # Ending early.
 

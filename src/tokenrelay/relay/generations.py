@@ -9,11 +9,13 @@ workers or replicas):
 - keys held for the life of an answer (``busy:<conversation id>``), renewed the same way;
 - a cancel broadcast: a cancel for a stream running elsewhere is published, and the process
   running it cancels it;
-- readers elsewhere (``readers:<stream id>``): a connection reading a stream that another
-  process runs keeps this key alive, so that process's grace period does not cancel an answer
-  someone is reading.
+- readers on other processes: a connection reading a stream that runs elsewhere (a client that
+  resumed on another replica) is announced to the process running it, where it counts like a
+  local reader, so the answer's grace period never cuts it off.
 
-One task per process renews every lease and key; nothing here runs per chunk.
+Keys an answer holds are released once it is saved and before its log ends, so a reader who
+sees the end may ask the next question at once, on any replica. One task per process renews
+every lease and key; nothing here runs per chunk.
 """
 
 from __future__ import annotations
@@ -22,19 +24,21 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from collections.abc import Iterable
+from collections.abc import Coroutine, Iterable
+from typing import Any
 
 from tokenrelay.errors import StreamNotFound
 from tokenrelay.relay.generation import Generation, Reader, Recorder, Shape, StreamOpener
 from tokenrelay.state import SharedState, Subscription
 from tokenrelay.storage.models import MessageStatus
-from tokenrelay.streams import EventLog, new_stream_id
+from tokenrelay.streams import INTERRUPTED_EVENT, EventLog, new_stream_id
 
 __all__ = ["Generations", "answer_lease"]
 
 logger = logging.getLogger(__name__)
 
 _CANCEL_CHANNEL = "cancel"
+_READERS_CHANNEL = "readers"  # "+<stream id>" when a reader starts elsewhere, "-<stream id>" ends
 
 
 def answer_lease(stream_id: str) -> str:
@@ -52,12 +56,16 @@ class Generations:
         self.owner = "proc_" + secrets.token_hex(8)  # this process, in leases
         self._running: dict[str, Generation] = {}
         self._held: dict[str, str] = {}  # shared-state key -> the token holding it
+        self._remote_readers: dict[str, int] = {}  # stream id -> readers elsewhere, counted here
         self._renewer: asyncio.Task[None] | None = None
-        self._subscription: Subscription | None = None
-        self._watching: dict[str, int] = {}  # streams run elsewhere -> readers here
+        self._subscriptions: list[Subscription] = []
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
-        self._subscription = await self.state.subscribe(_CANCEL_CHANNEL, self._on_cancel)
+        self._subscriptions = [
+            await self.state.subscribe(_CANCEL_CHANNEL, self._on_cancel),
+            await self.state.subscribe(_READERS_CHANNEL, self._on_reader),
+        ]
         self._renewer = asyncio.create_task(self._renew_forever(), name="lease renewer")
 
     async def aclose(self) -> None:
@@ -69,8 +77,9 @@ class Generations:
         if self._renewer is not None:
             self._renewer.cancel()
             await asyncio.gather(self._renewer, return_exceptions=True)
-        if self._subscription is not None:
-            await self._subscription.aclose()
+        for subscription in self._subscriptions:
+            await subscription.aclose()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         for key, token in list(self._held.items()):
             await self.release(key, token)
 
@@ -99,14 +108,32 @@ class Generations:
             await self.state.claim(key, self.owner, self.lease_seconds)
             self._held[key] = self.owner
             keys.append((key, self.owner))
-        generation = Generation(open_stream, writer, grace=grace, shape=shape, recorder=recorder)
+        generation = Generation(
+            open_stream,
+            writer,
+            grace=grace,
+            shape=shape,
+            recorder=recorder,
+            settle=(lambda: self._release_all(keys)) if keys else None,
+        )
         self._running[stream_id] = generation
         generation.task.add_done_callback(lambda _: self._ended(stream_id, keys))
         return generation
 
+    async def _release_all(self, keys: list[tuple[str, str]]) -> None:
+        """Release an ended answer's keys; bounded, as they expire on their own anyway."""
+        try:
+            async with asyncio.timeout(self.lease_seconds):
+                for key, token in keys:
+                    if self._held.get(key) == token:
+                        await self.release(key, token)
+        except TimeoutError:
+            logger.error("releasing the keys of an answer took too long; they will expire")
+
     def _ended(self, stream_id: str, keys: list[tuple[str, str]]) -> None:
         self._running.pop(stream_id, None)
-        for key, token in keys:
+        self._remote_readers.pop(stream_id, None)
+        for key, token in keys:  # any ``_release_all`` did not get to
             if self._held.get(key) == token:
                 del self._held[key]
                 task = asyncio.create_task(self.state.release(key, token))
@@ -116,17 +143,12 @@ class Generations:
         return self._running.get(stream_id)
 
     def reader(self, stream_id: str) -> Reader:
-        """What a connection reading ``stream_id`` attaches to: the answer if it runs here,
-        else a presence the process running it can see."""
+        """What a connection reading ``stream_id`` reports to: the answer, if it runs here;
+        otherwise whichever process runs it (if any), through the shared state."""
         generation = self._running.get(stream_id)
-        return generation if generation is not None else _RemoteReader(self, stream_id)
-
-    async def _read_elsewhere(self, stream_id: str) -> bool:
-        try:
-            return await self.state.holder(_readers_key(stream_id)) is not None
-        except Exception:  # cannot tell: keep the answer rather than cancel it wrongly
-            logger.exception("looking up the readers of %s failed", stream_id)
-            return True
+        if generation is not None:
+            return generation
+        return _RemoteReader(self, stream_id)
 
     async def hold(self, key: str) -> str | None:
         """Take ``key`` for an answer about to start; its token, or None if another has it."""
@@ -156,67 +178,79 @@ class Generations:
         await self.state.publish(_CANCEL_CHANNEL, stream_id)
         return False
 
-    async def wait_ended(self, stream_id: str) -> None:
-        """Return once the answer ``stream_id`` has ended: here its task, elsewhere its log.
+    async def wait_ended(self, stream_id: str) -> bool:
+        """Return once the answer ``stream_id`` has ended: here its task, elsewhere its log;
+        True if its log ended ``interrupted`` (the process writing it died).
 
         Bound it with ``asyncio.timeout``: the process running it may be gone.
         """
         generation = self._running.get(stream_id)
         if generation is not None:
             await asyncio.gather(generation.task, return_exceptions=True)
-            return
+            return False
+        last = b""
         with contextlib.suppress(StreamNotFound):
-            async for _ in await self.log.read(stream_id, 0):
-                pass
+            async for _, chunk in await self.log.read(stream_id, 0):
+                last = chunk
+        return last == INTERRUPTED_EVENT
 
     def _on_cancel(self, stream_id: str) -> None:
         generation = self._running.get(stream_id)
         if generation is not None:
             generation.cancel()
 
+    def _on_reader(self, message: str) -> None:
+        sign, stream_id = message[:1], message[1:]
+        generation = self._running.get(stream_id)
+        if generation is None:
+            return  # it runs elsewhere, or nowhere any more
+        count = self._remote_readers.get(stream_id, 0)
+        if sign == "+":
+            self._remote_readers[stream_id] = count + 1
+            generation.attach()
+        elif count > 0:  # never more detaches than attaches seen here
+            self._remote_readers[stream_id] = count - 1
+            generation.detach()
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Run ``work`` in a task this object keeps until it is done."""
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
     async def _renew_forever(self) -> None:
         while True:
             await asyncio.sleep(self.lease_seconds / 3)
             for key, token in list(self._held.items()):
                 try:
-                    if not await self.state.renew(key, token, self.lease_seconds):
-                        del self._held[key]  # lost (expired meanwhile): taken again below
+                    await self.state.renew(key, token, self.lease_seconds)
                 except Exception:
                     logger.exception("renewing %s failed; retrying", key)
-            for stream_id in list(self._watching):
-                key = _readers_key(stream_id)
-                if key not in self._held:
-                    with contextlib.suppress(Exception):
-                        await self.hold(key)
-
-
-def _readers_key(stream_id: str) -> str:
-    return f"readers:{stream_id}"
 
 
 class _RemoteReader:
-    """A connection here reading a stream another process runs (see ``Generations.reader``)."""
+    """A reader here of an answer that runs on another process: announced there, where it
+    counts like a local reader (``Generations._on_reader``)."""
 
     def __init__(self, generations: Generations, stream_id: str) -> None:
         self._generations = generations
         self._stream_id = stream_id
+        self._attached: asyncio.Task[None] | None = None
 
     def attach(self) -> None:
-        watching = self._generations._watching
-        watching[self._stream_id] = watching.get(self._stream_id, 0) + 1
+        self._attached = self._generations._spawn(self._publish("+"))
 
     def detach(self) -> None:
-        generations, stream_id = self._generations, self._stream_id
-        left = generations._watching.get(stream_id, 1) - 1
-        if left > 0:
-            generations._watching[stream_id] = left
-            return
-        generations._watching.pop(stream_id, None)
-        key = _readers_key(stream_id)
-        token = generations._held.get(key)
-        if token is not None:
-            task = asyncio.create_task(generations.release(key, token))
-            task.add_done_callback(_log_failure)
+        self._generations._spawn(self._publish("-", after=self._attached))
+
+    async def _publish(self, sign: str, *, after: asyncio.Task[None] | None = None) -> None:
+        if after is not None:  # in order: a detach never overtakes its attach
+            await asyncio.gather(after, return_exceptions=True)
+        try:
+            await self._generations.state.publish(_READERS_CHANNEL, sign + self._stream_id)
+        except Exception:
+            logger.exception("announcing a reader of %s failed", self._stream_id)
 
 
 def _log_failure(task: asyncio.Task[object]) -> None:

@@ -258,6 +258,21 @@ class ConversationStore:
             )
         return None if row is None else _message(row)
 
+    async def interrupt_answer(self, message_id: str) -> bool:
+        """Mark an answer still ``streaming`` ``interrupted``: the process writing it died.
+
+        False, and nothing changes, if it ended meanwhile (its writer's own final status wins).
+        """
+        statement = (
+            sa.update(Message)
+            .where(Message.id == message_id, Message.status == MessageStatus.STREAMING)
+            .values(status=MessageStatus.INTERRUPTED, updated_at=utcnow())
+            .returning(Message.id)
+        )
+        async with self._sessions.begin() as session:
+            changed = await session.scalar(statement, execution_options=_NO_SYNC)
+        return changed is not None
+
     async def update_message(
         self,
         message_id: str,
