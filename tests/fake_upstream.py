@@ -16,6 +16,9 @@ send through the openai SDK's ``extra_body`` and which tokenrelay forwards like 
 ``retry_after``  sent as ``Retry-After`` with ``status``
 ``message``      replaces the error message of ``status``
 ``tool_calls``   answer with a function tool call instead of text
+``tool_call_then_text`` answer with a function tool call while the request holds no tool
+                 result yet (no ``role: "tool"`` message), then with text: one round of an
+                 agent's loop (call the tool, read its result, answer)
 ``finish_reason`` replaces the natural finish reason
 
 Misbehaviours, for testing that tokenrelay trusts nothing an upstream sends:
@@ -218,7 +221,8 @@ class _Behaviour:
             status=_number(options, "status", int, None, minimum=100),
             retry_after=_optional_str(options, "retry_after"),
             message=_optional_str(options, "message"),
-            tool_calls=_flag(options, "tool_calls"),
+            tool_calls=_flag(options, "tool_calls")
+            or (_flag(options, "tool_call_then_text") and not _has_tool_result(body)),
             finish_reason=_optional_str(options, "finish_reason"),
             leak_everywhere=_flag(options, "leak_everywhere"),
             error_after=_number(options, "error_after", int, None, minimum=0),
@@ -292,6 +296,14 @@ _MANY = 256 * 1024 * 1024
 def _gzip_bomb() -> bytes:
     """~50 KB of gzip that inflates to 50 MB of zeros."""
     return gzip.compress(bytes(50 * 1024 * 1024), compresslevel=9)
+
+
+def _has_tool_result(body: dict[str, Any]) -> bool:
+    """Whether a chat request's messages hold a tool's result (``role: "tool"``)."""
+    messages = body.get("messages")
+    return isinstance(messages, list) and any(
+        isinstance(message, dict) and message.get("role") == "tool" for message in messages
+    )
 
 
 def _words(value: Any) -> int:
