@@ -76,19 +76,39 @@ class _ResponseEvents:
 
 
 class _StoredResponse:
-    """The ``Recorder`` of a stored response: its outcome, written once it ends."""
+    """The ``Recorder`` of a stored response: its start (if queued) and its outcome, written once
+    it ends."""
 
-    def __init__(self, store: ResponseStore, stream: ResponseStream) -> None:
+    def __init__(
+        self, store: ResponseStore, stream: ResponseStream, *, queued: bool = False
+    ) -> None:
         self._store = store
         self._stream = stream
+        self._queued = queued
+        self._started: asyncio.Task[None] | None = None
 
     def opened(self) -> None:
-        pass
+        # Other replicas read a running response from the database: a queued one now runs.
+        if self._queued:
+            self._started = asyncio.create_task(self._mark_in_progress())
+
+    async def _mark_in_progress(self) -> None:
+        try:
+            # Conditional: it never overwrites an end written first.
+            await self._store.update(
+                self._stream.id,
+                status=ResponseStatus.IN_PROGRESS,
+                if_status=(ResponseStatus.QUEUED,),
+            )
+        except Exception:
+            logger.exception("saving response %s as in progress failed", self._stream.id)
 
     def feed(self, chunk: bytes) -> None:
         pass  # the response's state is the stream's own (``_ResponseEvents``)
 
     async def finish(self, status: MessageStatus, error: str | None) -> None:
+        if self._started is not None:  # written before the outcome, never after it
+            await asyncio.gather(self._started, return_exceptions=True)
         stream = self._stream
         if not stream.done:  # the provider's stream stopped without a word: a failure
             stream.fail({"message": error or "The answer ended unexpectedly."})
@@ -198,7 +218,7 @@ class ResponseService:
             partial(_open_renamed, provider, chat, translation),
             grace=math.inf if background else 0.0,
             shape=_ResponseEvents(stream, queued=background),
-            recorder=_StoredResponse(self.store, stream) if store else None,
+            recorder=_StoredResponse(self.store, stream, queued=background) if store else None,
             leased=store,
             stream_id=response_id,
         )
