@@ -19,6 +19,7 @@ send through the openai SDK's ``extra_body`` and which tokenrelay forwards like 
 ``tool_call_then_text`` answer with a function tool call while the request holds no tool
                  result yet (no ``role: "tool"`` message), then with text: one round of an
                  agent's loop (call the tool, read its result, answer)
+``tool_arguments`` the arguments (a JSON text) of those tool calls instead of ``TOOL_ARGUMENTS``
 ``finish_reason`` replaces the natural finish reason
 
 Misbehaviours, for testing that tokenrelay trusts nothing an upstream sends:
@@ -183,6 +184,7 @@ class _Behaviour:
     retry_after: str | None = None
     message: str | None = None
     tool_calls: bool = False
+    tool_arguments: str = TOOL_ARGUMENTS
     finish_reason: str | None = None
     leak_everywhere: bool = False
     error_after: int | None = None
@@ -223,6 +225,7 @@ class _Behaviour:
             message=_optional_str(options, "message"),
             tool_calls=_flag(options, "tool_calls")
             or (_flag(options, "tool_call_then_text") and not _has_tool_result(body)),
+            tool_arguments=_optional_str(options, "tool_arguments") or TOOL_ARGUMENTS,
             finish_reason=_optional_str(options, "finish_reason"),
             leak_everywhere=_flag(options, "leak_everywhere"),
             error_after=_number(options, "error_after", int, None, minimum=0),
@@ -658,7 +661,10 @@ class FakeUpstream:
                     {
                         "id": f"call_fake{number}",
                         "type": "function",
-                        "function": {"name": self._tool_name(body), "arguments": TOOL_ARGUMENTS},
+                        "function": {
+                            "name": self._tool_name(body),
+                            "arguments": behaviour.tool_arguments,
+                        },
                     }
                 ],
             }
@@ -697,8 +703,9 @@ class FakeUpstream:
             "function": {"name": self._tool_name(body), "arguments": ""},
         }
         yield {"role": "assistant", "content": None, "tool_calls": [first_call]}, False
-        for start in range(0, len(TOOL_ARGUMENTS), _TOOL_ARGUMENT_PIECE):
-            piece = TOOL_ARGUMENTS[start : start + _TOOL_ARGUMENT_PIECE]
+        arguments = behaviour.tool_arguments
+        for start in range(0, len(arguments), _TOOL_ARGUMENT_PIECE):
+            piece = arguments[start : start + _TOOL_ARGUMENT_PIECE]
             yield {"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}, True
 
     async def _stream(

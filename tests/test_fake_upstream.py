@@ -112,6 +112,22 @@ def test_tool_call_streams_in_pieces(fake_upstream: FakeUpstream) -> None:
 
 
 @pytest.mark.parametrize("stream", [False, True])
+def test_tool_arguments_replace_the_default_ones(fake_upstream: FakeUpstream, stream: bool) -> None:
+    arguments = '{"cmd": "echo a fairly long command line"}'
+    body = _chat({"tool_calls": True, "tool_arguments": arguments}, stream=stream)
+    response = httpx.post(f"{fake_upstream.base_url}/chat/completions", json=body)
+
+    if stream:
+        chunks = [json.loads(event) for event in _events(response.text)[:-1]]
+        calls = [c["choices"][0]["delta"]["tool_calls"][0] for c in chunks[:-1]]
+        assert len(calls) > 2
+        assert "".join(call["function"]["arguments"] for call in calls) == arguments
+    else:
+        [call] = response.json()["choices"][0]["message"]["tool_calls"]
+        assert call["function"]["arguments"] == arguments
+
+
+@pytest.mark.parametrize("stream", [False, True])
 def test_tool_call_then_text_calls_the_tool_until_its_result_is_sent(
     fake_upstream: FakeUpstream, stream: bool
 ) -> None:
