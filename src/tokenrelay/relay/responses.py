@@ -31,7 +31,7 @@ from tokenrelay.providers.base import Provider, ProviderRequest
 from tokenrelay.providers.openai_compat import OpenAICompatibleProvider
 from tokenrelay.providers.registry import ProviderRegistry
 from tokenrelay.relay.generation import Generation
-from tokenrelay.relay.generations import Generations
+from tokenrelay.relay.generations import Generations, answer_lease
 from tokenrelay.responses import (
     ChatTranslation,
     ResponseStream,
@@ -50,6 +50,10 @@ logger = logging.getLogger(__name__)
 
 _EXPIRY_SWEEP_SECONDS = 3600.0
 _CANCEL_WAIT = 10.0
+_ORPHANED = {
+    "code": "server_error",
+    "message": "The server answering this response stopped before the answer ended.",
+}
 
 
 class _ResponseEvents:
@@ -159,7 +163,15 @@ class ResponseService:
         self._sweeper: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
+        # Responses whose process died (no live owner lease) would stay running forever.
+        failed = await self.store.fail_orphans(self._owned, _ORPHANED)
+        if failed:
+            logger.warning("marked %d unfinished response(s) as failed", failed)
         self._sweeper = asyncio.create_task(self._expire_forever(), name="responses expiry")
+
+    async def _owned(self, response_id: str) -> bool:
+        state = self.generations.state
+        return await state.holder(answer_lease(response_id)) is not None
 
     async def aclose(self) -> None:
         if self._sweeper is not None:
