@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -18,7 +19,13 @@ import openai
 import pytest
 from openai.types.responses import Response, ResponseStreamEvent
 
-from conftest import Relay, assert_openai_error, start_tokenrelay
+from conftest import (
+    Relay,
+    assert_no_leak,
+    assert_openai_error,
+    relay_to,
+    start_tokenrelay,
+)
 from fake_upstream import TOOL_ARGUMENTS, FakeUpstream, RecordedRequest, expected_text
 
 MODEL = "fake-model"
@@ -199,6 +206,74 @@ def test_stream_helper_gives_the_final_response(
     assert final.status == "completed"
     assert final.output_text == TEXT
     assert final.id.startswith("resp_")
+
+
+def test_answer_cut_by_max_output_tokens_is_incomplete(
+    openai_client: openai.OpenAI, fake_upstream: FakeUpstream
+) -> None:
+    fake_upstream.defaults = {"text": TEXT, "finish_reason": "length"}
+
+    whole = openai_client.responses.create(model=MODEL, input="Hi", max_output_tokens=15)
+    with openai_client.responses.create(
+        model=MODEL, input="Hi", max_output_tokens=15, stream=True
+    ) as stream:
+        events = list(stream)
+
+    assert whole.status == "incomplete"
+    assert whole.incomplete_details is not None
+    assert whole.incomplete_details.reason == "max_output_tokens"
+    assert whole.output_text == TEXT
+    last = events[-1]
+    assert last.type == "response.incomplete"
+    assert last.response.status == "incomplete"
+    assert last.response.incomplete_details is not None
+    assert last.response.incomplete_details.reason == "max_output_tokens"
+    assert last.response.output_text == TEXT
+    assert openai_client.responses.retrieve(last.response.id).status == "incomplete"
+
+
+@pytest.mark.parametrize("failure", [{"error_after": 3}, {"fail_after": 3}])
+def test_upstream_failing_mid_answer_ends_with_response_failed(
+    openai_client: openai.OpenAI, fake_upstream: FakeUpstream, failure: dict[str, int]
+) -> None:
+    # The upstream's error quotes its key in every field: none of it may reach the client.
+    fake_upstream.defaults = {"text": TEXT, "leak_everywhere": True, **failure}
+
+    with openai_client.responses.create(model=MODEL, input="Hi", stream=True) as stream:
+        events = list(stream)
+
+    _assert_numbered_from(events, 0)
+    assert _deltas(events) == "The quick brown "
+    failed = events[-1]
+    assert failed.type == "response.failed"
+    assert failed.response.status == "failed"
+    assert failed.response.error is not None
+    assert failed.response.error.code == "server_error"
+    assert_no_leak(failed.response.model_dump_json())
+    stored = openai_client.responses.retrieve(failed.response.id)
+    assert stored.status == "failed"
+    assert stored.error == failed.response.error
+    assert stored.output_text == "The quick brown "
+
+
+def test_upstream_refusing_gives_its_error_in_openai_shape(
+    relay: Relay, openai_client: openai.OpenAI, fake_upstream: FakeUpstream
+) -> None:
+    fake_upstream.defaults = {"status": 429, "retry_after": "7"}
+
+    for stream in (False, True):
+        body = {"model": MODEL, "input": "Hi", "stream": stream}
+        response = httpx.post(f"{relay.v1}/responses", json=body, timeout=DEADLINE)
+        assert_openai_error(response, 429, code="rate_limit_exceeded")
+        assert response.headers["retry-after"] == "7"
+
+    # In the background the refusal comes later: the response fails, saying why.
+    started = openai_client.responses.create(model=MODEL, input="Hi", background=True)
+    failed = _wait_for(openai_client, started.id, _ended)
+    assert failed.status == "failed"
+    assert failed.error is not None
+    assert failed.error.code == "rate_limit_exceeded"
+    assert_no_leak(failed.model_dump_json())
 
 
 # --- tools -------------------------------------------------------------------------------------
@@ -549,6 +624,29 @@ def test_streamed_foreground_response_whose_client_leaves_is_cancelled(
     stopped = _wait_for(openai_client, response_id, _ended)
     assert stopped.status == "cancelled"
     assert expected_text(400).startswith(stopped.output_text)
+
+
+def test_response_left_running_by_a_killed_server_is_failed_at_the_next_start(
+    fake_upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    fake_upstream.defaults = {"tokens": 400, "delay": 0.05}
+    with relay_to(fake_upstream, tmp_path) as first:
+        with openai.OpenAI(base_url=first.v1, api_key="unused", max_retries=0) as client:
+            started = client.responses.create(model=MODEL, input="Count.", background=True)
+            _chat_requests(fake_upstream, 1)
+        first.proc.kill()  # no shutdown: nothing of the answer's end is written
+        first.proc.wait()
+
+    with (
+        relay_to(fake_upstream, tmp_path) as second,
+        openai.OpenAI(base_url=second.v1, api_key="unused", max_retries=0) as client,
+    ):
+        after = client.responses.retrieve(started.id)
+
+    assert after.status == "failed"
+    assert after.error is not None
+    assert after.error.code == "server_error"
+    assert "stopped" in after.error.message
 
 
 # --- the embedded model ------------------------------------------------------------------------
