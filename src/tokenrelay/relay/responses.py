@@ -26,7 +26,7 @@ from typing import Any
 
 import orjson
 
-from tokenrelay.errors import TokenrelayError
+from tokenrelay.errors import InvalidRequest, TokenrelayError
 from tokenrelay.providers.base import Provider, ProviderRequest
 from tokenrelay.providers.openai_compat import OpenAICompatibleProvider
 from tokenrelay.providers.registry import ProviderRegistry
@@ -42,7 +42,7 @@ from tokenrelay.responses import (
     translate,
 )
 from tokenrelay.storage.models import MessageStatus, ResponseStatus, new_id
-from tokenrelay.storage.responses import ResponseStore
+from tokenrelay.storage.responses import ResponseNotFound, ResponseStore, ResponseTurn
 
 __all__ = ["ResponseService", "StartedResponse"]
 
@@ -127,6 +127,8 @@ class _StoredResponse:
                 incomplete_reason=stream.incomplete_reason,
                 completed_at=_utc(stream.completed_at),
             )
+        except ResponseNotFound:
+            pass  # deleted while it ran
         except Exception:
             logger.exception("saving response %s failed", stream.id)
 
@@ -196,6 +198,7 @@ class ResponseService:
         history: list[Any] = []
         if request.previous_response_id is not None:
             turns = await self.store.chain(request.previous_response_id)
+            _refuse_running(turns)
             history = chain_items((turn.input_items, turn.response.output) for turn in turns)
         translation = translate(
             request, history=history, drop_unsupported_tools=_drops_unsupported_tools(provider)
@@ -292,8 +295,8 @@ class ResponseService:
 
     async def delete(self, response_id: str) -> dict[str, Any]:
         await self.store.delete(response_id)
-        if self.generations.get(response_id) is not None:
-            await self.generations.cancel(response_id)
+        self._streams.pop(response_id, None)  # gone for a GET here at once, not when it ends
+        await self.generations.cancel(response_id)  # here, or in the process running it
         return {"id": response_id, "object": "response.deleted", "deleted": True}
 
 
@@ -306,6 +309,17 @@ async def _open_renamed(
     except TokenrelayError as exc:
         exc.param = translation.param_for(exc.param)
         raise
+
+
+def _refuse_running(turns: Iterable[ResponseTurn]) -> None:
+    """A chain through a response still running would leave its answer out of the history."""
+    for turn in turns:
+        if turn.response.status in (ResponseStatus.QUEUED, ResponseStatus.IN_PROGRESS):
+            raise InvalidRequest(
+                f"Previous response with id '{turn.response.id}' is still {turn.response.status}; "
+                "wait until it has ended (or cancel it).",
+                param="previous_response_id",
+            )
 
 
 def _drops_unsupported_tools(provider: Provider) -> bool:
