@@ -483,6 +483,51 @@ def test_deleted_response_is_gone(
         openai_client.responses.delete(response.id)
 
 
+def test_deleted_running_response_is_gone_and_its_answer_stopped(
+    openai_client: openai.OpenAI, fake_upstream: FakeUpstream
+) -> None:
+    fake_upstream.defaults = {"tokens": 400, "delay": 0.05}
+    started = openai_client.responses.create(model=MODEL, input="Count.", background=True)
+    [upstream] = _chat_requests(fake_upstream, 1)
+
+    openai_client.responses.delete(started.id)
+
+    with pytest.raises(openai.NotFoundError):
+        openai_client.responses.retrieve(started.id)
+    assert upstream.wait_for_outcome(DEADLINE) == "abandoned"
+
+
+def test_previous_response_still_running_is_refused(
+    openai_client: openai.OpenAI, fake_upstream: FakeUpstream
+) -> None:
+    fake_upstream.defaults = {"tokens": 400, "delay": 0.05}
+    running = openai_client.responses.create(model=MODEL, input="Count.", background=True)
+
+    # Its answer is not written yet: chaining now would leave it out of the history.
+    with pytest.raises(openai.BadRequestError) as raised:
+        openai_client.responses.create(
+            model=MODEL, input="And then?", previous_response_id=running.id
+        )
+
+    assert raised.value.param == "previous_response_id"
+    assert running.id in raised.value.message
+    assert len(fake_upstream.chat_requests()) == 1
+    openai_client.responses.cancel(running.id)
+
+
+def test_streaming_a_response_that_has_no_events_names_the_reason(
+    relay: Relay, openai_client: openai.OpenAI, fake_upstream: FakeUpstream
+) -> None:
+    whole = openai_client.responses.create(model=MODEL, input="Hi")
+
+    response = httpx.get(
+        f"{relay.v1}/responses/{whole.id}", params={"stream": "true"}, timeout=DEADLINE
+    )
+
+    error = assert_openai_error(response, 400, param="stream")
+    assert whole.id in str(error["message"])
+
+
 @pytest.mark.parametrize(
     ("method", "path"),
     [

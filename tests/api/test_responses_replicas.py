@@ -204,3 +204,22 @@ def test_response_deleted_on_one_replica_is_gone_from_the_other(
     with pytest.raises(openai.NotFoundError) as raised:
         on_a.responses.create(model=MODEL, input="Again", previous_response_id=response.id)
     assert raised.value.param == "previous_response_id"
+
+
+def test_response_running_on_one_replica_deleted_on_the_other_stops(
+    clients: tuple[openai.OpenAI, openai.OpenAI], fake_upstream: FakeUpstream
+) -> None:
+    on_a, on_b = clients
+    fake_upstream.defaults = {"tokens": 400, "delay": 0.05}  # 20 s if nobody stops it
+    started = on_a.responses.create(model=MODEL, input="Count.", background=True)
+    upstream = _only_request(fake_upstream)
+
+    on_b.responses.delete(started.id)
+
+    assert upstream.wait_for_outcome(DEADLINE) == "abandoned"
+    # A shows the answer it runs until it has ended, a moment after the upstream was closed.
+    deadline = time.monotonic() + DEADLINE
+    with pytest.raises(openai.NotFoundError):
+        while time.monotonic() < deadline:
+            on_a.responses.retrieve(started.id)
+            time.sleep(0.02)
