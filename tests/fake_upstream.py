@@ -19,6 +19,10 @@ send through the openai SDK's ``extra_body`` and which tokenrelay forwards like 
 ``retry_after``  sent as ``Retry-After`` with ``status``
 ``message``      replaces the error message of ``status``
 ``tool_calls``   answer with a function tool call instead of text
+``tool_call_then_text`` answer with a function tool call while the request holds no tool
+                 result yet (no ``role: "tool"`` message), then with text: one round of an
+                 agent's loop (call the tool, read its result, answer)
+``tool_arguments`` the arguments (a JSON text) of those tool calls instead of ``TOOL_ARGUMENTS``
 ``finish_reason`` replaces the natural finish reason
 
 Misbehaviours, for testing that tokenrelay trusts nothing an upstream sends:
@@ -185,6 +189,7 @@ class _Behaviour:
     retry_after: str | None = None
     message: str | None = None
     tool_calls: bool = False
+    tool_arguments: str = TOOL_ARGUMENTS
     finish_reason: str | None = None
     leak_everywhere: bool = False
     error_after: int | None = None
@@ -225,7 +230,9 @@ class _Behaviour:
             status=_number(options, "status", int, None, minimum=100),
             retry_after=_optional_str(options, "retry_after"),
             message=_optional_str(options, "message"),
-            tool_calls=_flag(options, "tool_calls"),
+            tool_calls=_flag(options, "tool_calls")
+            or (_flag(options, "tool_call_then_text") and not _has_tool_result(body)),
+            tool_arguments=_optional_str(options, "tool_arguments") or TOOL_ARGUMENTS,
             finish_reason=_optional_str(options, "finish_reason"),
             leak_everywhere=_flag(options, "leak_everywhere"),
             error_after=_number(options, "error_after", int, None, minimum=0),
@@ -299,6 +306,14 @@ _MANY = 256 * 1024 * 1024
 def _gzip_bomb() -> bytes:
     """~50 KB of gzip that inflates to 50 MB of zeros."""
     return gzip.compress(bytes(50 * 1024 * 1024), compresslevel=9)
+
+
+def _has_tool_result(body: dict[str, Any]) -> bool:
+    """Whether a chat request's messages hold a tool's result (``role: "tool"``)."""
+    messages = body.get("messages")
+    return isinstance(messages, list) and any(
+        isinstance(message, dict) and message.get("role") == "tool" for message in messages
+    )
 
 
 def _words(value: Any) -> int:
@@ -674,7 +689,10 @@ class FakeUpstream:
                     {
                         "id": f"call_fake{number}",
                         "type": "function",
-                        "function": {"name": self._tool_name(body), "arguments": TOOL_ARGUMENTS},
+                        "function": {
+                            "name": self._tool_name(body),
+                            "arguments": behaviour.tool_arguments,
+                        },
                     }
                 ],
             }
@@ -713,8 +731,9 @@ class FakeUpstream:
             "function": {"name": self._tool_name(body), "arguments": ""},
         }
         yield {"role": "assistant", "content": None, "tool_calls": [first_call]}, False
-        for start in range(0, len(TOOL_ARGUMENTS), _TOOL_ARGUMENT_PIECE):
-            piece = TOOL_ARGUMENTS[start : start + _TOOL_ARGUMENT_PIECE]
+        arguments = behaviour.tool_arguments
+        for start in range(0, len(arguments), _TOOL_ARGUMENT_PIECE):
+            piece = arguments[start : start + _TOOL_ARGUMENT_PIECE]
             yield {"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}, True
 
     async def _stream(

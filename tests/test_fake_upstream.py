@@ -111,6 +111,65 @@ def test_tool_call_streams_in_pieces(fake_upstream: FakeUpstream) -> None:
     assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_tool_arguments_replace_the_default_ones(fake_upstream: FakeUpstream, stream: bool) -> None:
+    arguments = '{"cmd": "echo a fairly long command line"}'
+    body = _chat({"tool_calls": True, "tool_arguments": arguments}, stream=stream)
+    response = httpx.post(f"{fake_upstream.base_url}/chat/completions", json=body)
+
+    if stream:
+        chunks = [json.loads(event) for event in _events(response.text)[:-1]]
+        calls = [c["choices"][0]["delta"]["tool_calls"][0] for c in chunks[:-1]]
+        assert len(calls) > 2
+        assert "".join(call["function"]["arguments"] for call in calls) == arguments
+    else:
+        [call] = response.json()["choices"][0]["message"]["tool_calls"]
+        assert call["function"]["arguments"] == arguments
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_tool_call_then_text_calls_the_tool_until_its_result_is_sent(
+    fake_upstream: FakeUpstream, stream: bool
+) -> None:
+    fake_upstream.defaults = {"tool_call_then_text": True, "text": "It is sunny."}
+    client = openai.OpenAI(base_url=fake_upstream.base_url, api_key=LEAKED_KEY, max_retries=0)
+    tool: Any = {"type": "function", "function": {"name": "get_weather", "parameters": {}}}
+    messages: list[Any] = [{"role": "user", "content": "Weather in Paris?"}]
+
+    def ask() -> tuple[str | None, list[Any], str]:
+        if not stream:
+            choice = client.chat.completions.create(
+                model="fake-model", messages=messages, tools=[tool]
+            ).choices[0]
+            calls = [call.model_dump() for call in choice.message.tool_calls or []]
+            return choice.message.content, calls, choice.finish_reason
+        text, calls, finish = "", [], ""
+        for chunk in client.chat.completions.create(
+            model="fake-model", messages=messages, tools=[tool], stream=True
+        ):
+            delta = chunk.choices[0].delta
+            text += delta.content or ""
+            calls += [call.model_dump() for call in delta.tool_calls or [] if call.id]
+            finish = chunk.choices[0].finish_reason or finish
+        return text or None, calls, finish
+
+    content, calls, finish = ask()
+    assert (content, finish) == (None, "tool_calls")
+    assert [call["function"]["name"] for call in calls] == ["get_weather"]
+
+    messages += [
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {"id": calls[0]["id"], "type": "function", "function": calls[0]["function"]}
+            ],
+        },
+        {"role": "tool", "tool_call_id": calls[0]["id"], "content": "sunny"},
+    ]
+    assert ask() == ("It is sunny.", [], "stop")
+
+
 def test_fail_after_cuts_the_connection_mid_body(fake_upstream: FakeUpstream) -> None:
     body = _chat({"tokens": 5, "fail_after": 2}, stream=True)
     received: list[bytes] = []

@@ -134,6 +134,37 @@ async def test_only_one_of_cancel_and_finish_wins(responses: ResponseStore) -> N
     assert again.status is final.status
 
 
+async def test_fail_orphans_fails_only_running_responses_nobody_owns(
+    responses: ResponseStore,
+) -> None:
+    made = {
+        name: await responses.create(model="m", fields=FIELDS, input_items=[], status=status)
+        for name, status in [
+            ("queued", "queued"),
+            ("running", "in_progress"),
+            ("owned", "in_progress"),
+            ("done", "completed"),
+        ]
+    }
+    error = {"code": "server_error", "message": "stopped"}
+
+    async def owned(response_id: str) -> bool:
+        return response_id == made["owned"].id
+
+    assert await responses.fail_orphans(owned, error) == 2
+
+    for name, status in [
+        ("queued", "failed"),
+        ("running", "failed"),
+        ("owned", "in_progress"),
+        ("done", "completed"),
+    ]:
+        record = await responses.get(made[name].id)
+        assert record.status == status, name
+        assert record.error == (error if status == "failed" else None)
+    assert await responses.fail_orphans(owned, error) == 0
+
+
 async def test_input_items_page_as_openai_pages_them(responses: ResponseStore) -> None:
     items = _items("0", "1", "2", "3", "4")
     ids = [item["id"] for item in items]

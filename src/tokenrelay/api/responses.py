@@ -16,6 +16,7 @@ from starlette.responses import JSONResponse, Response
 from tokenrelay.api.errors import validation_message
 from tokenrelay.api.relay import generations_of, settings_of, unless_client_leaves
 from tokenrelay.api.sse import EventStreamResponse
+from tokenrelay.errors import InvalidRequest, StreamNotFound
 from tokenrelay.relay.responses import ResponseService
 from tokenrelay.storage.responses import ResponseNotFound
 
@@ -99,7 +100,15 @@ async def get_response(
         return JSONResponse(await service.get(response_id))
     after = 0 if starting_after is None else starting_after + 1  # log entry n = sequence n-1
     generations = generations_of(request)
-    entries = await generations.log.read(response_id, after)
+    try:
+        entries = await generations.log.read(response_id, after)
+    except StreamNotFound:
+        await service.get(response_id)  # a 404 if there is no such response at all
+        raise InvalidRequest(
+            f"Response with id '{response_id}' has no events to stream: it was created without "
+            "`stream` or `background`, or it ended too long ago. Retrieve it without `stream`.",
+            param="stream",
+        ) from None
     return EventStreamResponse(
         response_id,
         entries,

@@ -26,13 +26,13 @@ from typing import Any
 
 import orjson
 
-from tokenrelay.errors import TokenrelayError
+from tokenrelay.errors import InvalidRequest, TokenrelayError
 from tokenrelay.providers.base import Provider, ProviderRequest
 from tokenrelay.providers.deployments import Deployments
 from tokenrelay.providers.openai_compat import OpenAICompatibleProvider
 from tokenrelay.providers.registry import ProviderRegistry
 from tokenrelay.relay.generation import Generation
-from tokenrelay.relay.generations import Generations
+from tokenrelay.relay.generations import Generations, answer_lease
 from tokenrelay.responses import (
     ChatTranslation,
     ResponseStream,
@@ -43,7 +43,7 @@ from tokenrelay.responses import (
     translate,
 )
 from tokenrelay.storage.models import MessageStatus, ResponseStatus, new_id
-from tokenrelay.storage.responses import ResponseStore
+from tokenrelay.storage.responses import ResponseNotFound, ResponseStore, ResponseTurn
 
 __all__ = ["ResponseService", "StartedResponse"]
 
@@ -51,6 +51,10 @@ logger = logging.getLogger(__name__)
 
 _EXPIRY_SWEEP_SECONDS = 3600.0
 _CANCEL_WAIT = 10.0
+_ORPHANED = {
+    "code": "server_error",
+    "message": "The server answering this response stopped before the answer ended.",
+}
 
 
 class _ResponseEvents:
@@ -77,19 +81,39 @@ class _ResponseEvents:
 
 
 class _StoredResponse:
-    """The ``Recorder`` of a stored response: its outcome, written once it ends."""
+    """The ``Recorder`` of a stored response: its start (if queued) and its outcome, written once
+    it ends."""
 
-    def __init__(self, store: ResponseStore, stream: ResponseStream) -> None:
+    def __init__(
+        self, store: ResponseStore, stream: ResponseStream, *, queued: bool = False
+    ) -> None:
         self._store = store
         self._stream = stream
+        self._queued = queued
+        self._started: asyncio.Task[None] | None = None
 
     def opened(self) -> None:
-        pass
+        # Other replicas read a running response from the database: a queued one now runs.
+        if self._queued:
+            self._started = asyncio.create_task(self._mark_in_progress())
+
+    async def _mark_in_progress(self) -> None:
+        try:
+            # Conditional: it never overwrites an end written first.
+            await self._store.update(
+                self._stream.id,
+                status=ResponseStatus.IN_PROGRESS,
+                if_status=(ResponseStatus.QUEUED,),
+            )
+        except Exception:
+            logger.exception("saving response %s as in progress failed", self._stream.id)
 
     def feed(self, chunk: bytes) -> None:
         pass  # the response's state is the stream's own (``_ResponseEvents``)
 
     async def finish(self, status: MessageStatus, error: str | None) -> None:
+        if self._started is not None:  # written before the outcome, never after it
+            await asyncio.gather(self._started, return_exceptions=True)
         stream = self._stream
         if not stream.done:  # the provider's stream stopped without a word: a failure
             stream.fail({"message": error or "The answer ended unexpectedly."})
@@ -104,6 +128,8 @@ class _StoredResponse:
                 incomplete_reason=stream.incomplete_reason,
                 completed_at=_utc(stream.completed_at),
             )
+        except ResponseNotFound:
+            pass  # deleted while it ran
         except Exception:
             logger.exception("saving response %s failed", stream.id)
 
@@ -140,7 +166,15 @@ class ResponseService:
         self._sweeper: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
+        # Responses whose process died (no live owner lease) would stay running forever.
+        failed = await self.store.fail_orphans(self._owned, _ORPHANED)
+        if failed:
+            logger.warning("marked %d unfinished response(s) as failed", failed)
         self._sweeper = asyncio.create_task(self._expire_forever(), name="responses expiry")
+
+    async def _owned(self, response_id: str) -> bool:
+        state = self.generations.state
+        return await state.holder(answer_lease(response_id)) is not None
 
     async def aclose(self) -> None:
         if self._sweeper is not None:
@@ -165,6 +199,7 @@ class ResponseService:
         history: list[Any] = []
         if request.previous_response_id is not None:
             turns = await self.store.chain(request.previous_response_id)
+            _refuse_running(turns)
             history = chain_items((turn.input_items, turn.response.output) for turn in turns)
         translation = translate(
             request, history=history, drop_unsupported_tools=_drops_unsupported_tools(provider)
@@ -199,7 +234,7 @@ class ResponseService:
             partial(_open_renamed, provider, chat, translation),
             grace=math.inf if background else 0.0,
             shape=_ResponseEvents(stream, queued=background),
-            recorder=_StoredResponse(self.store, stream) if store else None,
+            recorder=_StoredResponse(self.store, stream, queued=background) if store else None,
             leased=store,
             stream_id=response_id,
         )
@@ -261,8 +296,8 @@ class ResponseService:
 
     async def delete(self, response_id: str) -> dict[str, Any]:
         await self.store.delete(response_id)
-        if self.generations.get(response_id) is not None:
-            await self.generations.cancel(response_id)
+        self._streams.pop(response_id, None)  # gone for a GET here at once, not when it ends
+        await self.generations.cancel(response_id)  # here, or in the process running it
         return {"id": response_id, "object": "response.deleted", "deleted": True}
 
 
@@ -275,6 +310,17 @@ async def _open_renamed(
     except TokenrelayError as exc:
         exc.param = translation.param_for(exc.param)
         raise
+
+
+def _refuse_running(turns: Iterable[ResponseTurn]) -> None:
+    """A chain through a response still running would leave its answer out of the history."""
+    for turn in turns:
+        if turn.response.status in (ResponseStatus.QUEUED, ResponseStatus.IN_PROGRESS):
+            raise InvalidRequest(
+                f"Previous response with id '{turn.response.id}' is still {turn.response.status}; "
+                "wait until it has ended (or cancel it).",
+                param="previous_response_id",
+            )
 
 
 def _drops_unsupported_tools(provider: Provider) -> bool:

@@ -8,7 +8,7 @@ deletes those older than an age (the server runs it on a timer).
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal
@@ -205,6 +205,34 @@ class ResponseStore:
         async with self._sessions.begin() as session:
             result = await session.execute(statement, execution_options=_NO_SYNC)
         count: int = result.rowcount  # type: ignore[attr-defined]  # a CursorResult for DELETE
+        return count
+
+    async def fail_orphans(
+        self, owned: Callable[[str], Awaitable[bool]], error: Mapping[str, Any]
+    ) -> int:
+        """Mark responses still queued or in progress ``failed`` with ``error`` unless
+        ``owned(id)`` says a live process answers them; how many were.
+
+        Their process died without writing their end, which nothing else would ever write.
+        """
+        running = (ResponseStatus.QUEUED, ResponseStatus.IN_PROGRESS)
+        async with self._sessions() as session:
+            ids = (
+                await session.scalars(
+                    sa.select(StoredResponse.id).where(StoredResponse.status.in_(running))
+                )
+            ).all()
+        orphans = [response_id for response_id in ids if not await owned(response_id)]
+        if not orphans:
+            return 0
+        statement = (
+            sa.update(StoredResponse)
+            .where(StoredResponse.id.in_(orphans), StoredResponse.status.in_(running))
+            .values(status=ResponseStatus.FAILED, error=dict(error), updated_at=utcnow())
+        )
+        async with self._sessions.begin() as session:
+            result = await session.execute(statement, execution_options=_NO_SYNC)
+        count: int = result.rowcount  # type: ignore[attr-defined]  # a CursorResult for UPDATE
         return count
 
     async def list_input_items(
