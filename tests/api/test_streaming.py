@@ -161,3 +161,22 @@ def test_sdk_reads_a_stream_with_pings(pinging_relay: Relay) -> None:
         text = "".join(chunk.choices[0].delta.content or "" for chunk in stream)
 
     assert text == expected_text(3)
+
+
+def test_an_unresumable_streams_log_is_dropped_soon_after_its_end(relay: Relay) -> None:
+    """A plain /v1 stream is cancelled when its client leaves, so nobody can resume it: its log
+    is not kept for `stream_ttl` (memory per answer), while a resumable one's is."""
+    ids = {}
+    for name, headers in (("plain", {}), ("resumable", {"X-Tokenrelay-Resumable": "true"})):
+        answer = httpx.post(
+            f"{relay.v1}/chat/completions", json=_stream_body(tokens=3), headers=headers
+        )
+        assert data_events(answer.text)[-1] == "[DONE]"
+        ids[name] = answer.headers["x-tokenrelay-stream"]
+    deadline = time.monotonic() + 30
+    while httpx.get(f"{relay.url}/api/streams/{ids['plain']}").status_code != 404:
+        assert time.monotonic() < deadline, "the plain stream's log was kept"
+        time.sleep(0.2)
+    kept = httpx.get(f"{relay.url}/api/streams/{ids['resumable']}")
+    assert kept.status_code == 200
+    assert data_events(kept.text)[-1] == "[DONE]"

@@ -44,6 +44,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+_UNRESUMABLE_KEEP = 5.0  # seconds a grace-0 answer's log stays readable after its end
+
 StreamOpener = Callable[[], Awaitable[AsyncGenerator[bytes, None]]]
 """Opens the provider's stream; returns once the provider accepted (``Provider.open_stream``)."""
 
@@ -273,7 +275,9 @@ class Generation:
             except Exception:
                 logger.exception("settling %s failed", self.stream_id)
         try:
-            await self._writer.end(tail)
+            # An answer cancelled when its client leaves cannot be resumed: its log is kept
+            # only for readers already behind it, not for ``stream_ttl`` (memory per answer).
+            await self._writer.end(tail, keep=_UNRESUMABLE_KEEP if self.grace <= 0 else None)
         except Exception:
             logger.exception("ending the log of %s failed", self.stream_id)
 

@@ -51,11 +51,13 @@ class LogWriter(Protocol):
         """
         ...
 
-    async def end(self, tail: bytes = b"") -> None:
+    async def end(self, tail: bytes = b"", *, keep: float | None = None) -> None:
         """Close the log: append ``tail`` (if any), mark it ended, start its expiry.
 
         ``tail`` is exempt from the size bound so that a log cut short by ``StreamTooLarge``
-        can still end with an error event. Idempotent; call it in a ``finally``.
+        can still end with an error event. ``keep`` shortens how long the ended log stays
+        readable (``stream_ttl`` by default): an answer nobody can resume need not be kept.
+        Idempotent; call it in a ``finally``.
         """
         ...
 

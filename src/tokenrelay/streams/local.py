@@ -75,7 +75,7 @@ class LocalLog:
         self._wake()
         return True
 
-    async def end(self, tail: bytes = b"") -> None:
+    async def end(self, tail: bytes = b"", *, keep: float | None = None) -> None:
         self._finish(tail)
 
     def _wake(self) -> None:

@@ -22,9 +22,9 @@ class _MemoryWriter(LocalLog):
         super().__init__(stream_id, max_bytes=max_bytes)
         self._log = log
 
-    async def end(self, tail: bytes = b"") -> None:
+    async def end(self, tail: bytes = b"", *, keep: float | None = None) -> None:
         if self._finish(tail):
-            self._log._expire_later(self)
+            self._log._expire_later(self, keep)
 
 
 class MemoryEventLog:
@@ -59,9 +59,11 @@ class MemoryEventLog:
             raise StreamNotFound(stream_id)
         return log.iterate(after)
 
-    def _expire_later(self, log: _MemoryWriter) -> None:
+    def _expire_later(self, log: _MemoryWriter, keep: float | None) -> None:
+        # Readers already iterating hold the log itself: expiry only stops new ones.
+        ttl = self.ttl if keep is None else min(keep, self.ttl)
         loop = asyncio.get_running_loop()
-        self._timers[log.stream_id] = loop.call_later(self.ttl, self._expire, log)
+        self._timers[log.stream_id] = loop.call_later(ttl, self._expire, log)
 
     def _expire(self, log: _MemoryWriter) -> None:
         self._timers.pop(log.stream_id, None)

@@ -59,6 +59,7 @@ class _RedisWriter(LocalLog):
         self.dirty = False  # queued for the next flush
         self.refreshed_at = refreshed_at  # when the lease was last renewed
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.keep_ms = 0  # set by ``end(keep=...)``: a shorter life than the log's ttl
 
     def append(self, chunk: bytes) -> int:
         # LocalLog.append inlined: this runs once per upstream chunk.
@@ -75,9 +76,11 @@ class _RedisWriter(LocalLog):
             self._log._queue(self)
         return len(entries)
 
-    async def end(self, tail: bytes = b"") -> None:
+    async def end(self, tail: bytes = b"", *, keep: float | None = None) -> None:
         if not self._finish(tail):
             return
+        if keep is not None:
+            self.keep_ms = max(1, int(keep * 1000))
         if not self.dirty:
             self.dirty = True
             self._log._queue(self)
@@ -258,7 +261,7 @@ class RedisEventLog:
             ended = writer.ended
             if ended:
                 pipe.xadd(writer.key, END_FIELDS, id=b"0-%d" % (stop + 1))
-                pipe.pexpire(writer.key, self._ttl_ms)
+                pipe.pexpire(writer.key, min(writer.keep_ms or self._ttl_ms, self._ttl_ms))
                 pipe.delete(writer.alive_key)
             else:
                 pipe.pexpire(writer.key, self._running_ttl_ms)
