@@ -186,14 +186,19 @@ async def run(
     deadline: float,
     seed: int = 1,
     wait_go: bool = False,
+    extra_headers: dict[str, str] | None = None,
 ) -> Tally:
-    """Warm up one connection per worker, then measure ``concurrency * requests`` streams."""
+    """Warm up one connection per worker, then measure ``concurrency * requests`` streams.
+
+    ``extra_headers`` go on every request (e.g. ``X-Tokenrelay-Resumable: true``).
+    """
     if urlsplit(url).hostname not in ("127.0.0.1", "localhost", "::1"):
         raise SystemExit("the load generator only sends to this machine (127.0.0.1)")
     per_request = tokens * delay + 30.0
     connector = aiohttp.TCPConnector(limit=concurrency, force_close=False)
     timeout = aiohttp.ClientTimeout(total=per_request, sock_connect=10.0)
     headers = {"content-type": "application/json", "authorization": "Bearer bench"}
+    headers.update(extra_headers or {})
     tally = Tally()
     async with aiohttp.ClientSession(
         connector=connector, timeout=timeout, headers=headers, auto_decompress=False
@@ -244,11 +249,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--deadline", type=float, default=300.0, help="seconds at most")
     parser.add_argument("--seed", type=int, default=1, help="first stream's seed")
     parser.add_argument("--wait-go", action="store_true", help="print READY, wait for a line")
+    parser.add_argument(
+        "--header", action="append", default=[], help="NAME:VALUE sent with every request"
+    )
     args = parser.parse_args(argv)
+    extra: dict[str, str] = {}
+    for item in args.header:
+        name, sep, value = item.partition(":")
+        if not sep or not name.strip():
+            parser.error(f"--header takes NAME:VALUE, not {item!r}")
+        extra[name.strip()] = value.strip()
 
     coro = run(
         args.url, args.concurrency, args.requests, args.tokens, args.delay, args.deadline,
-        args.seed, args.wait_go,
+        args.seed, args.wait_go, extra,
     )  # fmt: skip
     try:
         import uvloop
