@@ -16,7 +16,7 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Generator, Iterator
+from collections.abc import AsyncIterator, Generator, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +37,7 @@ __all__ = [
     "data_events",
     "fake_provider_toml",
     "relay_to",
+    "scrape",
     "start_tokenrelay",
     "stream_chunks",
     "without_event_ids",
@@ -136,12 +137,14 @@ def start_tokenrelay(
     config_toml: str | None = None,
     env: dict[str, str] | None = None,
     host: str = "127.0.0.1",
+    args: Sequence[str] = (),
 ) -> Iterator[Relay]:
     """Run ``python -m tokenrelay serve`` on a free port until the block ends.
 
     Returns once ``GET /health`` answers 200; the server gets a fresh SQLite file in
     ``tmp_path`` and only the configuration given here. ``host`` is the address it binds
-    (``0.0.0.0`` for all); the tests reach it at 127.0.0.1 either way.
+    (``0.0.0.0`` for all); the tests reach it at 127.0.0.1 either way. ``args`` are more
+    options of ``serve`` (``--workers 2``).
     """
     tmp_path.mkdir(parents=True, exist_ok=True)
     port = _free_port()
@@ -154,7 +157,7 @@ def start_tokenrelay(
         settings["TOKENRELAY_CONFIG"] = str(config_path)
     log_path = tmp_path / f"tokenrelay-{port}.log"
     command = [sys.executable, "-m", "tokenrelay", "serve", "--host", host]
-    command += ["--port", str(port)]
+    command += ["--port", str(port), *args]
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
             command,
@@ -220,6 +223,22 @@ def relay_to(
         env={**NO_LOCAL_MODEL, **(env or {})},
     ) as relay:
         yield relay
+
+
+def scrape(relay: Relay) -> dict[str, float]:
+    """``GET /metrics`` (on a new connection) read with prometheus-client's own parser, as
+    ``{'name{label="value",...}': value}`` with the labels sorted by name."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    response = httpx.get(f"{relay.url}/metrics", timeout=10.0)
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("text/plain; version=")
+    samples = {}
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            labels = ",".join(f'{name}="{value}"' for name, value in sorted(sample.labels.items()))
+            samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return samples
 
 
 def closed_port_url() -> str:
