@@ -26,6 +26,7 @@ from typing import Any
 
 import orjson
 
+from tokenrelay import metrics
 from tokenrelay.errors import TokenrelayError
 from tokenrelay.providers.base import Provider, ProviderRequest
 from tokenrelay.providers.openai_compat import OpenAICompatibleProvider
@@ -216,7 +217,7 @@ class ResponseService:
         store: bool,
     ) -> dict[str, Any]:
         try:
-            completion = orjson.loads(await provider.complete(chat))
+            completion = orjson.loads(await metrics.observed_answer(provider.complete(chat)))
         except TokenrelayError as exc:
             exc.param = translation.param_for(exc.param)
             if store:
