@@ -3,8 +3,8 @@
 Recorded at a few moments of a request, never per chunk: its response's start (``api/tracking``),
 a streamed answer's start, first log entry and end (``relay/generation``), a whole answer's
 arrival (``observed_answer``), an upstream's failure (``providers/openai_compat``). Tokens come
-from the usage an answer reports: a whole answer's body, or the last chunk of a stream that named
-``"usage"``, parsed once when the stream ends.
+from the usage an answer reports: a whole answer's body, or a stream's last chunks, looked at
+once when the stream ends.
 
 With ``tokenrelay serve --workers N``, ``serve`` sets ``PROMETHEUS_MULTIPROC_DIR`` to a directory
 of its own before the workers start: prometheus-client then keeps every value in a file per
@@ -125,16 +125,22 @@ def first_token(seconds: float) -> None:
     _TIME_TO_FIRST_TOKEN.observe(seconds)
 
 
-def stream_ended(seconds: float, usage_chunk: bytes) -> None:
-    """A streamed answer's log ended; ``usage_chunk`` is its last chunk naming ``"usage"``."""
+def stream_ended(seconds: float, *last_chunks: bytes) -> None:
+    """A streamed answer's log ended; ``last_chunks`` are its last two provider chunks.
+
+    OpenAI-compatible streams report usage in their last chunk before ``data: [DONE]`` (with
+    ``stream_options.include_usage``; chunks before it may say ``"usage": null``): only a chunk
+    that names ``"usage"`` is parsed, once.
+    """
     _ACTIVE_STREAMS.dec()
     _DURATION.observe(seconds)
-    if usage_chunk:
-        usage = None
-        with contextlib.suppress(ValueError):  # bytes an upstream sent: maybe not JSON
-            for data in iter_data(usage_chunk):
-                usage = data.get("usage") or usage
-        _count_tokens(usage)
+    for chunk in reversed(last_chunks):
+        if b'"usage"' in chunk:
+            with contextlib.suppress(ValueError):  # bytes an upstream sent: maybe not JSON
+                usages = [data["usage"] for data in iter_data(chunk) if data.get("usage")]
+                if usages:
+                    _count_tokens(usages[-1])
+                    return
 
 
 def answered(seconds: float, body: bytes | None) -> None:

@@ -16,8 +16,9 @@ A ``Recorder`` (a conversation's stored message) sees every chunk and the outcom
 decides which log entries a chunk becomes (the chat chunks as they came, or the Responses API's
 events translated from them).
 
-Metrics (``tokenrelay.metrics``) are taken at the answer's start, its first chunk and its end, and
-its usage from the last chunk that names ``"usage"``: nothing per chunk but that bytes test.
+Metrics (``tokenrelay.metrics``) are taken at the answer's start, its first chunk and its end;
+its usage, which OpenAI-compatible streams report last, is looked for in its last two chunks
+then. Per chunk, that costs keeping a reference to the one before, no search.
 """
 
 from __future__ import annotations
@@ -208,7 +209,7 @@ class Generation:
         metrics.stream_started()
         writer, shape, recorder = self._writer, self._shape, self._recorder
         tail: list[bytes] = []
-        usage = b""  # the last chunk naming "usage", parsed once at the end (``metrics``)
+        before = last = b""  # the answer's last two chunks, where its usage is (``metrics``)
         try:
             if self._cancelled:  # cancelled before this task first ran
                 raise asyncio.CancelledError
@@ -226,26 +227,23 @@ class Generation:
                 metrics.first_token(time.perf_counter() - self._begun)
                 if recorder is not None:
                     recorder.feed(chunk)
-                if b'"usage"' in chunk:
-                    usage = chunk
+                last = chunk
                 break
             if self._passthrough and recorder is None:  # the /v1 hot path: nothing per chunk
-                async for chunk in stream:  # but two searches, an append and no new object
+                async for chunk in stream:  # but a search, an append and no new object
                     if chunk.find(b"\n\n") == len(chunk) - 2:
                         append(chunk)
                     else:
                         for entry in _split_events(chunk):
                             append(entry)
-                    if b'"usage"' in chunk:
-                        usage = chunk
+                    before, last = last, chunk
             else:
                 async for chunk in stream:
                     for entry in shape.feed(chunk):
                         append(entry)
                     if recorder is not None:
                         recorder.feed(chunk)
-                    if b'"usage"' in chunk:
-                        usage = chunk
+                    before, last = last, chunk
             tail.extend(shape.finish())
             self.status = MessageStatus.COMPLETE
         except StreamError as exc:  # an upstream that reports errors in-band: already relayed
@@ -272,9 +270,9 @@ class Generation:
             if self._grace_timer is not None:
                 self._grace_timer.cancel()
             # Never cancelled midway: the stream is closed, the log ended, the answer saved.
-            await asyncio.shield(self._finish(b"".join(tail), usage))
+            await asyncio.shield(self._finish(b"".join(tail), (before, last)))
 
-    async def _finish(self, tail: bytes, usage: bytes) -> None:
+    async def _finish(self, tail: bytes, last_chunks: tuple[bytes, bytes]) -> None:
         if self._stream is not None:
             try:
                 await self._stream.aclose()
@@ -287,7 +285,7 @@ class Generation:
             await self._writer.end(tail)
         except Exception:
             logger.exception("ending the log of %s failed", self.stream_id)
-        metrics.stream_ended(time.perf_counter() - self._begun, usage)
+        metrics.stream_ended(time.perf_counter() - self._begun, *last_chunks)
 
     # Readers.
 
