@@ -37,6 +37,7 @@ __all__ = [
     "data_events",
     "fake_provider_toml",
     "relay_to",
+    "scrape",
     "start_tokenrelay",
     "stream_chunks",
     "without_event_ids",
@@ -225,6 +226,22 @@ def relay_to(
         args=args,
     ) as relay:
         yield relay
+
+
+def scrape(relay: Relay) -> dict[str, float]:
+    """``GET /metrics`` (on a new connection) read with prometheus-client's own parser, as
+    ``{'name{label="value",...}': value}`` with the labels sorted by name."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    response = httpx.get(f"{relay.url}/metrics", timeout=10.0)
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("text/plain; version=")
+    samples = {}
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            labels = ",".join(f'{name}="{value}"' for name, value in sorted(sample.labels.items()))
+            samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return samples
 
 
 def closed_port_url() -> str:

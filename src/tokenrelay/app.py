@@ -16,12 +16,14 @@ from pydantic.json_schema import models_json_schema
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from tokenrelay import __version__
-from tokenrelay.api import ask, conversations, openai_routes, responses, streams
+from tokenrelay.api import ask, conversations, openai_routes, responses, service, streams
 from tokenrelay.api.errors import install_error_handlers
 from tokenrelay.api.guards import AllowedHosts, CrossSiteRequests, Guard, Guarded, JsonBodies
 from tokenrelay.api.limits import BodySizeLimit
 from tokenrelay.api.sse import RAW_SEND
+from tokenrelay.api.tracking import RequestTracking
 from tokenrelay.config import Settings
+from tokenrelay.metrics import Exposition
 from tokenrelay.providers.registry import ProviderRegistry
 from tokenrelay.relay.chat import ChatService
 from tokenrelay.relay.generations import Generations, answer_lease
@@ -50,6 +52,7 @@ _PAGE_HEADERS = {
 def request_guards(settings: Settings) -> list[Guard]:
     """Every check a request passes before any route sees it, in order (``api/guards.py``)."""
     return [
+        RequestTracking(fast_routes=openai_routes.FAST_ROUTES),  # first: every answer has an id
         AllowedHosts(settings.allowed_hosts, bound_host=settings.host),
         CrossSiteRequests(settings.cors_origins, spending_paths=ask.SPENDING_PATHS),
         JsonBodies(),
@@ -98,8 +101,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         app.state.registry, app.state.chat, app.state.generations = registry, chat, generations
         app.state.responses = responses_service
+        local = service.local_provider(registry)
+        app.state.metrics = exposition = Exposition(local.stats if local is not None else None)
+        app.state.readiness = readiness = service.Readiness(settings, database, registry)
         sweeper: asyncio.Task[None] | None = None
         try:
+            await exposition.start()
             await log.start()
             await state.start()
             await generations.start()
@@ -118,6 +125,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await state.aclose()
             await log.aclose()
             await database.close()
+            await readiness.aclose()
+            await exposition.aclose()
 
     app = _App(
         title="tokenrelay",
@@ -133,6 +142,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(conversations.router)
     app.include_router(responses.router)
     app.include_router(streams.router)
+    app.include_router(service.router)
     app.mount("/static", StaticFiles(packages=[("tokenrelay.web", "static")]), name="static")
 
     @app.get("/", include_in_schema=False)
@@ -140,12 +150,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return FileResponse(_INDEX, headers=_PAGE_HEADERS)
 
     _document_body_models(app)
-
-    @app.get("/health", tags=["Service"])
-    async def health() -> dict[str, str]:
-        """Liveness: answers as soon as the server accepts requests."""
-        return {"status": "ok"}
-
     return app
 
 

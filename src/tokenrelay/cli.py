@@ -6,8 +6,9 @@ import asyncio
 import contextlib
 import os
 import sys
+import tempfile
 import threading
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Coroutine, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +26,9 @@ if TYPE_CHECKING:
 
 __all__ = ["main"]
 
+_MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
+"""prometheus-client's multiprocess mode: see ``tokenrelay.metrics``."""
+
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="tokenrelay")
@@ -35,6 +39,10 @@ __all__ = ["main"]
 )
 def main(config: Path | None) -> None:
     """An OpenAI-compatible streaming gateway with an embedded local model."""
+    # prometheus-client decides once, when imported, from the environment, whether to keep its
+    # metrics in files: only `serve --workers N` asks it to, in a directory of its own.
+    for name in (_MULTIPROCESS_ENV, _MULTIPROCESS_ENV.lower()):
+        os.environ.pop(name, None)
     if config is not None:
         # Through the environment, so uvicorn's worker processes read the same file.
         os.environ[CONFIG_ENV] = str(config.resolve())
@@ -56,6 +64,7 @@ def serve(host: str | None, port: int | None, workers: int, reload: bool) -> Non
     import uvicorn
 
     from tokenrelay.config import Settings
+    from tokenrelay.logs import log_config
     from tokenrelay.server import uvicorn_options
 
     if host is not None:
@@ -79,20 +88,38 @@ def serve(host: str | None, port: int | None, workers: int, reload: bool) -> Non
             check_model(settings.local)
         except TokenrelayError as exc:
             raise click.ClickException(exc.message) from None
-    uvicorn.run(
-        "tokenrelay.app:create_app",
-        factory=True,
-        host=settings.host,
-        port=settings.port if port is None else port,
-        workers=None if reload else workers,
-        reload=reload,
-        log_level=settings.log_level,
-        timeout_graceful_shutdown=5,
-        # Measured in bench/: per-response headers nobody needs cost CPU on every request.
-        server_header=False,
-        date_header=False,
-        **uvicorn_options(settings),
-    )
+    with _metrics_dir(workers if not reload else 1):
+        uvicorn.run(
+            "tokenrelay.app:create_app",
+            factory=True,
+            host=settings.host,
+            port=settings.port if port is None else port,
+            workers=None if reload else workers,
+            reload=reload,
+            log_level=settings.log_level,
+            log_config=log_config(settings),
+            timeout_graceful_shutdown=5,
+            # Measured in bench/: per-response headers nobody needs cost CPU on every request.
+            server_header=False,
+            date_header=False,
+            **uvicorn_options(settings),
+        )
+
+
+@contextlib.contextmanager
+def _metrics_dir(workers: int) -> Iterator[None]:
+    """With several workers, a directory of our own where prometheus-client keeps each worker's
+    metrics for any of them to add up (``tokenrelay.metrics``), removed at the end. One process
+    keeps its metrics in memory."""
+    if workers <= 1:
+        yield
+        return
+    with tempfile.TemporaryDirectory(prefix="tokenrelay-metrics-") as directory:
+        os.environ[_MULTIPROCESS_ENV] = directory  # read by the workers uvicorn starts
+        try:
+            yield
+        finally:
+            os.environ.pop(_MULTIPROCESS_ENV, None)
 
 
 @main.command()

@@ -156,6 +156,11 @@ class Settings(BaseSettings):
     host: str = Field(default="127.0.0.1", description="Address `tokenrelay serve` listens on.")
     port: int = Field(default=8000, ge=0, le=65535, description="Port `tokenrelay serve` uses.")
     log_level: str = Field(default="info", description="uvicorn's log level.")
+    log_format: Literal["text", "json"] = Field(
+        default="text",
+        description="`text`: uvicorn's lines; `json`: one JSON object per line (tokenrelay's "
+        "records and the access log), each with its request's id.",
+    )
 
     openai_api_key: SecretStr | None = Field(
         default=None,

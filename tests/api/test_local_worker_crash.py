@@ -26,6 +26,7 @@ from conftest import (
     assert_openai_error,
     data_events,
     fake_provider_toml,
+    scrape,
     start_tokenrelay,
 )
 from fake_upstream import FakeUpstream, expected_text
@@ -263,3 +264,36 @@ def test_extra_buffers_setting_overrides_the_probe(tmp_path: Path) -> None:
         assert answer.status_code == 200
         assert "SIGSEGV" not in relay.log_text()
     assert not (tmp_path / "data" / "local-model.json").exists()
+
+
+def test_metrics_show_the_local_queue_and_worker_restarts(mixed_relay: Relay) -> None:
+    queue, restarts = "tokenrelay_local_queue_depth", "tokenrelay_local_worker_restarts_total"
+    assert scrape(mixed_relay)[queue] == 0
+    assert scrape(mixed_relay)[restarts] == 0
+    waited: list[int] = []
+
+    def wait_in_line() -> None:
+        with httpx.Client(timeout=60) as client:
+            waited.append(
+                client.post(f"{mixed_relay.v1}/completions", json=local_stream_body(2)).status_code
+            )
+
+    with (
+        httpx.Client(timeout=DEADLINE) as client,
+        client.stream("POST", f"{mixed_relay.v1}/completions", json=local_stream_body()) as local,
+    ):
+        lines = local.iter_lines()
+        next(lines)  # the one instance is busy with this answer
+        behind = [threading.Thread(target=wait_in_line) for _ in range(2)]
+        for thread in behind:
+            thread.start()
+        wait_for(lambda: scrape(mixed_relay)[queue] == 2, "two requests wait")
+        [worker] = worker_pids(mixed_relay)
+        os.kill(worker, signal.SIGKILL)
+        for _ in lines:  # the answer ends with an error event
+            pass
+    wait_for(lambda: scrape(mixed_relay)[restarts] == 1, "the worker is restarted")
+    for thread in behind:
+        thread.join(DEADLINE)
+    assert waited == [200, 200]  # answered by the restarted worker
+    assert scrape(mixed_relay)[queue] == 0

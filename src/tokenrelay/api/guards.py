@@ -51,13 +51,15 @@ _CORS_HEADERS = frozenset(
         "openai-beta",
         "openai-organization",
         "openai-project",
+        "x-request-id",
     }
 )
 _CORS_HEADER_PREFIXES = ("x-tokenrelay-", "x-stainless-")
 _CORS_METHODS = "GET, POST, PATCH, DELETE, OPTIONS"
 _CORS_MAX_AGE = "600"
-# Response headers a page on an allowed origin may read: the stream to resume, when to retry.
-_CORS_EXPOSED = b"X-Tokenrelay-Stream, Retry-After"
+# Response headers a page on an allowed origin may read: the stream to resume, when to retry,
+# the request's id.
+_CORS_EXPOSED = b"X-Tokenrelay-Stream, Retry-After, X-Request-Id"
 _SHOWN = 100
 """Characters of a client's header value an error message repeats, at most."""
 
@@ -79,6 +81,7 @@ class Incoming:
     chunked: bool = False
     preflight_method: bytes | None = None
     preflight_headers: bytes | None = None
+    request_id: bytes | None = None
 
     @classmethod
     def read(cls, scope: Scope, receive: Receive, send: Send) -> Incoming:
@@ -102,6 +105,8 @@ class Incoming:
                 request.preflight_method = value
             elif name == b"access-control-request-headers":
                 request.preflight_headers = value
+            elif name == b"x-request-id":
+                request.request_id = value
         return request
 
     @property

@@ -14,8 +14,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive
 
+from tokenrelay import metrics
 from tokenrelay.api.errors import validation_message
 from tokenrelay.api.sse import EventStreamResponse
+from tokenrelay.api.tracking import MODEL_KEY
 from tokenrelay.config import Settings
 from tokenrelay.errors import ClientDisconnected, InvalidRequest
 from tokenrelay.providers.base import Endpoint, ProviderRequest
@@ -67,9 +69,12 @@ async def relay(request: Request, endpoint: Endpoint, body: dict[str, Any], raw:
     """
     model = body["model"]
     provider = registry_of(request).resolve(model)
+    request.scope[MODEL_KEY] = model  # the label of this request's count
     provider_request = ProviderRequest(endpoint=endpoint, model=model, body=body, raw=raw)
     if not provider_request.stream:
-        answer = await unless_client_leaves(request, provider.complete(provider_request))
+        answer = await unless_client_leaves(
+            request, metrics.observed_answer(provider.complete(provider_request))
+        )
         return Response(answer, media_type="application/json")
     settings = settings_of(request)
     resumable = request.headers.get(RESUMABLE_HEADER, "").lower() == "true"

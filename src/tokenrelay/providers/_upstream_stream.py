@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import aiohttp
 
+from tokenrelay import metrics
 from tokenrelay.errors import TokenrelayError, UpstreamError, UpstreamTimeout, UpstreamUnavailable
 from tokenrelay.providers._upstream_text import ERROR_MARKER, Scrubber
 from tokenrelay.providers.base import ClosingStream
@@ -40,6 +41,7 @@ _DONE = re.compile(rb"(?m)^data: ?\[DONE\][ \t]*\r?$")
 _FINISHED = re.compile(rb'(?m)"finish_reason"\s*:\s*"|^data: ?\{\s*"error"')
 """A non-null finish reason, or an error event: the answer's end, told in-band. Quotes inside
 model text are escaped, so text never matches."""
+_ERROR_EVENT = re.compile(rb'(?m)^data: ?\{\s*"error"')
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +91,8 @@ class UpstreamEvents(ClosingStream):
                             continue
                 if ERROR_MARKER in data:
                     data = self._rules.scrubber.error_events(data)
+                    if _ERROR_EVENT.search(data):  # relayed as it is, but an error all the same
+                        metrics.upstream_error(self._rules.provider)
                 if data[0] == _COLON and _comments_only(data):
                     self._note_quiet()
                 else:
@@ -97,11 +101,14 @@ class UpstreamEvents(ClosingStream):
                 return data
         except (aiohttp.ClientError, TimeoutError) as exc:
             self._resp.close()
+            metrics.upstream_error(self._rules.provider)
             raise self._rules.on_transport_error(exc) from None
         except StopAsyncIteration:
             raise
-        except BaseException:  # our errors, cancellation (the client left): drop the connection
+        except BaseException as exc:  # our errors, cancellation (the client left): drop it
             self._resp.close()
+            if isinstance(exc, TokenrelayError):
+                metrics.upstream_error(self._rules.provider)
             raise
 
     def _cut(self, data: bytes) -> bytes:

@@ -23,6 +23,7 @@ from typing import Any
 import aiohttp
 import orjson
 
+from tokenrelay import metrics
 from tokenrelay.config import ProviderSettings
 from tokenrelay.errors import (
     TokenrelayError,
@@ -134,6 +135,7 @@ class OpenAICompatibleProvider:
         try:
             listed = await self._fetch_models()
         except TokenrelayError as exc:
+            metrics.upstream_error(self.name)
             logger.warning("provider %s: could not list models: %s", self.name, exc.message)
             listed = []
         names = {card["id"] for card in listed}
@@ -182,6 +184,21 @@ class OpenAICompatibleProvider:
     # -- answers -----------------------------------------------------------------------------
 
     async def complete(self, request: ProviderRequest) -> bytes:
+        try:
+            return await self._complete(request)
+        except TokenrelayError:
+            metrics.upstream_error(self.name)
+            raise
+
+    async def open_stream(self, request: ProviderRequest) -> AsyncGenerator[bytes, None]:
+        """Errors after this returns are counted by the stream (``_upstream_stream``)."""
+        try:
+            return await self._open_stream(request)
+        except TokenrelayError:
+            metrics.upstream_error(self.name)
+            raise
+
+    async def _complete(self, request: ProviderRequest) -> bytes:
         resp = await self._post(request)
         try:
             self._check_content_type(resp, _JSON)
@@ -200,7 +217,7 @@ class OpenAICompatibleProvider:
             raise self._error_from(502, body, resp.headers)
         return body
 
-    async def open_stream(self, request: ProviderRequest) -> AsyncGenerator[bytes, None]:
+    async def _open_stream(self, request: ProviderRequest) -> AsyncGenerator[bytes, None]:
         resp = await self._post(request)
         try:
             await self._check_stream(resp)

@@ -16,6 +16,10 @@ A ``Recorder`` (a conversation's stored message) sees every chunk and the outcom
 runs once it is saved, before the log ends (releasing what the answer held); a ``Shape``
 decides which log entries a chunk becomes (the chat chunks as they came, or the Responses
 API's events translated from them).
+
+Metrics (``tokenrelay.metrics``) are taken at the answer's start, its first chunk and its end;
+its usage, which OpenAI-compatible streams report last, is looked for in its last two chunks
+then. Per chunk, that costs keeping a reference to the one before, no search.
 """
 
 from __future__ import annotations
@@ -23,9 +27,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
 from typing import Protocol
 
+from tokenrelay import metrics
 from tokenrelay.chunks import StreamError
 from tokenrelay.errors import TokenrelayError
 from tokenrelay.sse import DONE, encode_event
@@ -187,6 +193,7 @@ class Generation:
         self._grace_timer: asyncio.TimerHandle | None = None
         self._settled = asyncio.Event()  # the provider accepted, or the answer ended before that
         self._finished = asyncio.Event()
+        self._begun = time.perf_counter()
         self.task = asyncio.create_task(self._run(open_stream), name=f"generation {self.stream_id}")
 
     @property
@@ -206,8 +213,10 @@ class Generation:
 
     async def _run(self, open_stream: StreamOpener) -> None:
         self._started = True
+        metrics.stream_started()
         writer, shape, recorder = self._writer, self._shape, self._recorder
         tail: list[bytes] = []
+        before = last = b""  # the answer's last two chunks, where its usage is (``metrics``)
         try:
             if self._cancelled:  # cancelled before this task first ran
                 raise asyncio.CancelledError
@@ -218,19 +227,30 @@ class Generation:
             if recorder is not None:
                 recorder.opened()
             append = writer.append
+            stream = self._stream
+            async for chunk in stream:  # the first chunk alone: the time to the first token
+                for entry in shape.feed(chunk):
+                    append(entry)
+                metrics.first_token(time.perf_counter() - self._begun)
+                if recorder is not None:
+                    recorder.feed(chunk)
+                last = chunk
+                break
             if self._passthrough and recorder is None:  # the /v1 hot path: nothing per chunk
-                async for chunk in self._stream:  # but a search, an append and no new object
+                async for chunk in stream:  # but a search, an append and no new object
                     if chunk.find(b"\n\n") == len(chunk) - 2:
                         append(chunk)
                     else:
                         for entry in _split_events(chunk):
                             append(entry)
+                    before, last = last, chunk
             else:
-                async for chunk in self._stream:
+                async for chunk in stream:
                     for entry in shape.feed(chunk):
                         append(entry)
                     if recorder is not None:
                         recorder.feed(chunk)
+                    before, last = last, chunk
             tail.extend(shape.finish())
             self.status = MessageStatus.COMPLETE
         except StreamError as exc:  # an upstream that reports errors in-band: already relayed
@@ -257,9 +277,9 @@ class Generation:
             if self._grace_timer is not None:
                 self._grace_timer.cancel()
             # Never cancelled midway: the stream is closed, the log ended, the answer saved.
-            await asyncio.shield(self._finish(b"".join(tail)))
+            await asyncio.shield(self._finish(b"".join(tail), (before, last)))
 
-    async def _finish(self, tail: bytes) -> None:
+    async def _finish(self, tail: bytes, last_chunks: tuple[bytes, bytes]) -> None:
         if self._stream is not None:
             try:
                 await self._stream.aclose()
@@ -280,6 +300,7 @@ class Generation:
             await self._writer.end(tail, keep=_UNRESUMABLE_KEEP if self.grace <= 0 else None)
         except Exception:
             logger.exception("ending the log of %s failed", self.stream_id)
+        metrics.stream_ended(time.perf_counter() - self._begun, *last_chunks)
 
     # Readers.
 

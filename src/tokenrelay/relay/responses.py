@@ -26,6 +26,7 @@ from typing import Any
 
 import orjson
 
+from tokenrelay import metrics
 from tokenrelay.errors import InvalidRequest, TokenrelayError
 from tokenrelay.providers.base import Provider, ProviderRequest
 from tokenrelay.providers.deployments import Deployments
@@ -252,7 +253,7 @@ class ResponseService:
         store: bool,
     ) -> dict[str, Any]:
         try:
-            completion = orjson.loads(await provider.complete(chat))
+            completion = orjson.loads(await metrics.observed_answer(provider.complete(chat)))
         except TokenrelayError as exc:
             exc.param = translation.param_for(exc.param)
             if store:

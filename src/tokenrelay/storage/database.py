@@ -179,6 +179,11 @@ class Database:
             if own_engine:
                 await engine.dispose()
 
+    async def ping(self) -> None:
+        """``SELECT 1``: raises if the database cannot answer (``/readyz``)."""
+        async with self.engine.connect() as connection:
+            await connection.execute(sa.text("SELECT 1"))
+
     async def close(self) -> None:
         await self.engine.dispose()
 
