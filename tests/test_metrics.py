@@ -18,6 +18,7 @@ import pytest
 
 from conftest import NO_LOCAL_MODEL, Relay, fake_provider_toml, scrape, start_tokenrelay
 from fake_upstream import FakeUpstream
+from redis_server import REDIS_URL, require_redis
 
 MESSAGES: list[Any] = [{"role": "user", "content": "how many words are in this prompt"}]
 OK_CHAT = 'tokenrelay_requests_total{model="fake-model",route="/v1/chat/completions",status="200"}'
@@ -178,9 +179,10 @@ def test_model_names_a_client_invents_share_one_label(
 def two_workers(fake_upstream: FakeUpstream, tmp_path: Path) -> Iterator[tuple[Relay, Path]]:
     """``tokenrelay serve --workers 2`` with JSON logs (each line names its process), and the
     temporary directory it makes its metrics directory in. The local model is on, not loaded."""
+    require_redis()  # several workers share their streams and state through it
     temp = tmp_path / "tmp"
     temp.mkdir()
-    env = {"TOKENRELAY_LOG_FORMAT": "json", "TMPDIR": str(temp)}
+    env = {"TOKENRELAY_LOG_FORMAT": "json", "TMPDIR": str(temp), "TOKENRELAY_REDIS_URL": REDIS_URL}
     toml = fake_provider_toml(fake_upstream.base_url)
     with start_tokenrelay(tmp_path, config_toml=toml, env=env, args=["--workers", "2"]) as relay:
         yield relay, temp
@@ -252,9 +254,10 @@ def test_metrics_add_up_across_workers(two_workers: tuple[Relay, Path]) -> None:
 def test_serve_removes_its_metrics_directory_when_it_stops(
     fake_upstream: FakeUpstream, tmp_path: Path
 ) -> None:
+    require_redis()
     temp = tmp_path / "tmp"
     temp.mkdir()
-    env = {**NO_LOCAL_MODEL, "TMPDIR": str(temp)}
+    env = {**NO_LOCAL_MODEL, "TMPDIR": str(temp), "TOKENRELAY_REDIS_URL": REDIS_URL}
     toml = fake_provider_toml(fake_upstream.base_url)
     with start_tokenrelay(tmp_path, config_toml=toml, env=env, args=["--workers", "2"]):
         (directory,) = temp.glob("tokenrelay-metrics-*")

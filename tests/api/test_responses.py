@@ -511,6 +511,12 @@ def test_previous_response_still_running_is_refused(
 
     assert raised.value.param == "previous_response_id"
     assert running.id in raised.value.message
+    # The background answer's own request reaches the upstream (in its own time); the refused
+    # chain's never does.
+    deadline = time.monotonic() + DEADLINE
+    while not fake_upstream.chat_requests():
+        assert time.monotonic() < deadline, "the background answer never reached the upstream"
+        time.sleep(0.02)
     assert len(fake_upstream.chat_requests()) == 1
     openai_client.responses.cancel(running.id)
 
