@@ -7,6 +7,7 @@ several workers or machines share one history. Both go through the same async SQ
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -86,12 +87,39 @@ def _configure_sqlite(engine: AsyncEngine, *, migrating: bool) -> None:
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         for pragma in pragmas:
-            cursor.execute(pragma)
+            if pragma.startswith("PRAGMA journal_mode"):
+                _switch_to_wal(cursor, pragma)
+            else:
+                cursor.execute(pragma)
         cursor.close()
 
     @sa.event.listens_for(engine.sync_engine, "begin")
     def _on_begin(connection: Connection) -> None:
         connection.exec_driver_sql(begin)
+
+
+_WAL_ATTEMPTS = 40
+_WAL_RETRY_SECONDS = 0.05
+
+
+def _switch_to_wal(cursor: Any, pragma: str) -> None:
+    """Put a new database file in WAL mode, waiting out another process doing the same.
+
+    Switching takes an exclusive lock, and SQLite answers "database is locked" to the others at
+    once (no busy handler for that lock); the mode is persistent, so whoever switched it first
+    has done it for everyone. Bounded: ``_WAL_ATTEMPTS`` short waits, at start-up only.
+    """
+    for attempt in range(_WAL_ATTEMPTS):
+        try:
+            cursor.execute(pragma)
+            return
+        except Exception as exc:
+            if "locked" not in str(exc) or attempt == _WAL_ATTEMPTS - 1:
+                raise
+        cursor.execute("PRAGMA journal_mode")
+        if str(cursor.fetchone()[0]).lower() == "wal":
+            return
+        time.sleep(_WAL_RETRY_SECONDS)  # a new file's first connections only, never per request
 
 
 class Database:
