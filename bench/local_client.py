@@ -18,9 +18,9 @@ __all__ = [
     "COMPLETION_PROMPT",
     "MODEL",
     "SAMPLING",
+    "Arrivals",
     "Clock",
     "Run",
-    "read_events",
     "request_body",
     "through_server",
 ]
@@ -90,21 +90,56 @@ def request_body(chat: bool, max_tokens: int) -> dict[str, Any]:
     return body
 
 
-def read_events(data: bytes, clock: Clock) -> int | None:
-    """Feed the text of whole SSE events to ``clock``; return completion tokens if reported."""
-    tokens = None
-    for line in data.split(b"\n"):
+class Arrivals:
+    """The bytes of an SSE stream as they arrived, each piece with its time; read afterwards.
+
+    Nothing is parsed while the answer streams: the client shares the CPUs with the gateway and
+    the model, so it does as little as it can per token (parsing each event on arrival cost
+    about 0.04 ms of CPU per token more, on top of the 0.2 ms that receiving it costs).
+    """
+
+    __slots__ = ("pieces", "start")
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.pieces: list[tuple[float, bytes]] = []
+
+    def run(self) -> Run:
+        """Time the text: an event counts from the arrival of the piece that completed it."""
+        clock = Clock()
+        clock.start = self.start
+        tokens = None
+        buffer = b""
+        for at, piece in self.pieces:
+            buffer += piece
+            *events, buffer = buffer.split(b"\n\n")
+            for event in events:
+                text, usage = _read_event(event)
+                if text:
+                    clock.first = at if clock.first is None else clock.first
+                    clock.last = at
+                    clock.parts.append(text)
+                tokens = usage or tokens
+        if tokens is None:
+            raise RuntimeError("the stream reported no usage")
+        return clock.run(tokens)
+
+
+def _read_event(event: bytes) -> tuple[str, int | None]:
+    """The text of one SSE event, and its completion tokens if it reports usage."""
+    text, tokens = "", None
+    for line in event.split(b"\n"):
         if not line.startswith(b"data: ") or line == b"data: [DONE]":
             continue
-        event = orjson.loads(line[6:])
-        if "error" in event:
-            raise RuntimeError(f"the stream failed: {event['error']}")
-        for choice in event.get("choices") or ():
+        data = orjson.loads(line[6:])
+        if "error" in data:
+            raise RuntimeError(f"the stream failed: {data['error']}")
+        for choice in data.get("choices") or ():
             delta = choice.get("delta")
-            clock.text((delta.get("content") if delta is not None else choice.get("text")) or "")
-        if event.get("usage"):
-            tokens = int(event["usage"]["completion_tokens"])
-    return tokens
+            text += (delta.get("content") if delta is not None else choice.get("text")) or ""
+        if data.get("usage"):
+            tokens = int(data["usage"]["completion_tokens"])
+    return text, tokens
 
 
 async def through_server(
@@ -112,13 +147,11 @@ async def through_server(
 ) -> Run:
     """One streamed answer over HTTP, timed from just before the request is sent."""
     endpoint = "chat/completions" if chat else "completions"
-    clock = Clock()
+    arrivals = Arrivals()
     async with session.post(f"{url}/v1/{endpoint}", json=request_body(chat, max_tokens)) as resp:
         if resp.status != 200:
             raise RuntimeError(f"the server answered {resp.status}: {await resp.text()}")
-        tokens = None
-        async for line in resp.content:
-            tokens = read_events(line, clock) or tokens
-    if tokens is None:
-        raise RuntimeError("the server reported no usage")
-    return clock.run(tokens)
+        pieces, now = arrivals.pieces, time.perf_counter
+        async for piece in resp.content.iter_any():
+            pieces.append((now(), piece))
+    return arrivals.run()
