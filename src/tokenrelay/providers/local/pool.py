@@ -187,7 +187,7 @@ class _Slot:
                 elif (started := message.get("started")) is not None:
                     job.queue.put_nowait(Started(started))
                 else:
-                    self.pool._job_ended(self, job, _terminal(message, job))
+                    self.pool._job_ended(self, job, _terminal(message))
         except (ValueError, OSError, asyncio.LimitOverrunError):
             logger.exception("local model worker %d sent something unreadable", self.number)
         finally:
@@ -204,15 +204,10 @@ class _Slot:
         self.ready = False
         if self.writer is not None:
             self.writer.close()
-        proc = self.proc
-        if proc is not None and proc.returncode is None:
-            try:
-                await asyncio.wait_for(proc.wait(), _STOP_TIMEOUT)
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
+        await self.wait_exit()
 
     async def wait_exit(self) -> int | None:
+        """Reap the process: its exit status, after ``_STOP_TIMEOUT`` s by SIGKILL."""
         if self.proc is None:
             return None
         try:
@@ -222,7 +217,7 @@ class _Slot:
             return await self.proc.wait()
 
 
-def _terminal(message: dict[str, Any], job: Job) -> TokenrelayError | Finished:
+def _terminal(message: dict[str, Any]) -> TokenrelayError | Finished:
     if (done := message.get("done")) is not None:
         finish_reason, prompt_tokens, completion_tokens = done
         return Finished(finish_reason, prompt_tokens, completion_tokens)
