@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -16,22 +16,35 @@ from pydantic.json_schema import models_json_schema
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from tokenrelay import __version__
-from tokenrelay.api import ask, conversations, openai_routes, responses, service, streams
+from tokenrelay.access.keys import Authenticator, is_loopback
+from tokenrelay.access.limits import Limiter
+from tokenrelay.access.usage import UsageLedger
+from tokenrelay.api import admin, ask, conversations, openai_routes, responses, service, streams
+from tokenrelay.api.auth import Authentication
 from tokenrelay.api.errors import install_error_handlers
-from tokenrelay.api.guards import AllowedHosts, CrossSiteRequests, Guard, Guarded, JsonBodies
-from tokenrelay.api.limits import BodySizeLimit
+from tokenrelay.api.guards import (
+    AllowedHosts,
+    BodySizeLimit,
+    CrossSiteRequests,
+    Guard,
+    Guarded,
+    JsonBodies,
+)
 from tokenrelay.api.sse import RAW_SEND
 from tokenrelay.api.tracking import RequestTracking
 from tokenrelay.config import Settings
 from tokenrelay.metrics import Exposition
 from tokenrelay.providers.registry import ProviderRegistry
 from tokenrelay.relay.chat import ChatService
+from tokenrelay.relay.gateway import Gateway
 from tokenrelay.relay.generations import Generations, answer_lease
 from tokenrelay.relay.responses import ResponseService
 from tokenrelay.state import SharedState, create_shared_state
 from tokenrelay.storage.conversations import ConversationStore
 from tokenrelay.storage.database import Database
+from tokenrelay.storage.keys import KeyStore
 from tokenrelay.storage.responses import ResponseStore
+from tokenrelay.storage.usage import UsageStore
 from tokenrelay.streams import create_event_log
 
 __all__ = ["create_app"]
@@ -39,6 +52,7 @@ __all__ = ["create_app"]
 logger = logging.getLogger(__name__)
 
 _INDEX = Path(__file__).parent / "web" / "static" / "index.html"
+_USAGE_PAGE = Path(__file__).parent / "web" / "static" / "usage.html"
 # Model output is untrusted: besides sanitising, the page may run only its own scripts.
 _PAGE_HEADERS = {
     "Cache-Control": "no-cache",
@@ -49,7 +63,7 @@ _PAGE_HEADERS = {
 }
 
 
-def request_guards(settings: Settings) -> list[Guard]:
+def request_guards(settings: Settings, authenticator: Callable[[], Authenticator]) -> list[Guard]:
     """Every check a request passes before any route sees it, in order (``api/guards.py``)."""
     return [
         RequestTracking(fast_routes=openai_routes.FAST_ROUTES),  # first: every answer has an id
@@ -57,6 +71,7 @@ def request_guards(settings: Settings) -> list[Guard]:
         CrossSiteRequests(settings.cors_origins, spending_paths=ask.SPENDING_PATHS),
         JsonBodies(),
         BodySizeLimit(settings.max_body_bytes),
+        Authentication(authenticator),  # last: a refusal is readable by an allowed page
     ]
 
 
@@ -90,15 +105,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         database = Database(settings.database_url)
         log, state = create_event_log(settings), create_shared_state(settings)
         generations = Generations(log, state, lease_seconds=settings.lease_seconds)
-        chat = ChatService(
-            ConversationStore(database), registry, generations, grace=settings.stream_grace
-        )
+        redis_url = settings.redis_url.get_secret_value() if settings.redis_url else None
+        ledger = UsageLedger(UsageStore(database)) if settings.usage_accounting else None
+        gateway = Gateway(registry, generations, limiter=Limiter(redis_url), ledger=ledger)
+        chat = ChatService(ConversationStore(database), gateway, grace=settings.stream_grace)
         responses_service = ResponseService(
-            ResponseStore(database),
-            registry,
-            generations,
-            ttl_days=settings.responses_ttl_days,
+            ResponseStore(database), gateway, ttl_days=settings.responses_ttl_days
         )
+        keys = KeyStore(database)
+        admin_key = settings.admin_key.get_secret_value() if settings.admin_key else None
+        app.state.authenticator = Authenticator(
+            keys,
+            admin_key=admin_key,
+            always=not is_loopback(settings.host) and not settings.insecure_no_auth,
+        )
+        app.state.keys, app.state.usage = keys, UsageStore(database)
+        app.state.ledger, app.state.gateway = ledger, gateway
         app.state.registry, app.state.chat, app.state.generations = registry, chat, generations
         app.state.responses = responses_service
         local = service.local_provider(registry)
@@ -113,6 +135,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             # Answers left `streaming` whose owner's lease lapsed died with their process.
             await database.start(owned=lambda stream_id: _owned(state, stream_id))
             await registry.start()
+            await gateway.start()
+            if ledger is not None:
+                await ledger.start()
             await responses_service.start()
             sweeper = asyncio.create_task(_sweep_orphans(database, state, settings.lease_seconds))
             yield
@@ -121,6 +146,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 sweeper.cancel()
             await responses_service.aclose()
             await generations.aclose()  # answers still running are saved as interrupted
+            await gateway.aclose()
+            if ledger is not None:
+                await ledger.aclose()  # after the answers: their rows are written too
+            if gateway.limiter is not None:
+                await gateway.limiter.aclose()
             await registry.aclose()
             await state.aclose()
             await log.aclose()
@@ -136,18 +166,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     install_error_handlers(app)
-    app.guarded = Guarded(app.dispatch, request_guards(settings))
+    app.guarded = Guarded(app.dispatch, request_guards(settings, lambda: app.state.authenticator))
     app.include_router(openai_routes.router)
     app.include_router(ask.router)
     app.include_router(conversations.router)
     app.include_router(responses.router)
     app.include_router(streams.router)
     app.include_router(service.router)
+    app.include_router(admin.router)
     app.mount("/static", StaticFiles(packages=[("tokenrelay.web", "static")]), name="static")
 
     @app.get("/", include_in_schema=False)
     async def chat_page() -> FileResponse:
         return FileResponse(_INDEX, headers=_PAGE_HEADERS)
+
+    @app.get("/usage", include_in_schema=False)
+    async def usage_page() -> FileResponse:
+        return FileResponse(_USAGE_PAGE, headers=_PAGE_HEADERS)
 
     _document_body_models(app)
     return app
@@ -186,7 +221,9 @@ def _document_body_models(app: FastAPI) -> None:
             _, defs = models_json_schema(
                 [
                     (model, "validation")
-                    for model in openai_routes.BODY_MODELS + conversations.BODY_MODELS
+                    for model in openai_routes.BODY_MODELS
+                    + conversations.BODY_MODELS
+                    + admin.BODY_MODELS
                 ],
                 ref_template="#/components/schemas/{model}",
             )

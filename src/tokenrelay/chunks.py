@@ -12,7 +12,18 @@ from typing import Any
 
 import orjson
 
-__all__ = ["ChunkSummary", "iter_data", "StreamError"]
+__all__ = [
+    "ChunkSummary",
+    "StreamError",
+    "Usage",
+    "is_usage_only",
+    "iter_data",
+    "usage_in_answer",
+    "usage_in_stream",
+]
+
+Usage = tuple[int, int]
+"""``(prompt_tokens, completion_tokens)`` as an answer reported them."""
 
 
 class StreamError(Exception):
@@ -78,3 +89,58 @@ class ChunkSummary:
         text = added[0] if len(added) == 1 else "".join(added)
         self.parts.append(text)
         return text
+
+
+def _tokens(usage: object) -> Usage | None:
+    if not isinstance(usage, dict):
+        return None
+    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    # The Responses API's names, for an upstream that uses them.
+    prompt = usage.get("input_tokens") if prompt is None else prompt
+    completion = usage.get("output_tokens") if completion is None else completion
+    return (
+        prompt if type(prompt) is int and prompt > 0 else 0,
+        completion if type(completion) is int and completion > 0 else 0,
+    )
+
+
+def usage_in_stream(*last_chunks: bytes) -> Usage | None:
+    """The usage a stream reported in its last chunks (``stream_options.include_usage``; the
+    chunks before it may say ``"usage": null``): only a chunk naming ``"usage"`` is parsed."""
+    for chunk in reversed(last_chunks):
+        if b'"usage"' in chunk:
+            try:  # bytes an upstream sent: maybe not JSON
+                usages = [data["usage"] for data in iter_data(chunk) if data.get("usage")]
+            except ValueError:
+                continue
+            if usages:
+                return _tokens(usages[-1])
+    return None
+
+
+def usage_in_answer(body: bytes) -> Usage | None:
+    """The usage of a whole (non-streamed) answer's JSON body."""
+    if b'"usage"' not in body:
+        return None
+    try:
+        data = orjson.loads(body)
+    except ValueError:
+        return None
+    return _tokens(data.get("usage")) if isinstance(data, dict) else None
+
+
+def is_usage_only(event: bytes) -> bool:
+    """Whether ``event`` is the chunk ``include_usage`` adds: usage, and no choices.
+
+    Run only for clients that did not ask for that chunk (the gateway asked for them): two
+    searches per event, and a parse only for an event that has both an empty list and usage.
+    """
+    if b"[]" not in event or b'"usage"' not in event:
+        return False
+    try:
+        chunks = list(iter_data(event))
+    except ValueError:
+        return False
+    return bool(chunks) and all(
+        c.get("choices") == [] and isinstance(c.get("usage"), dict) for c in chunks
+    )

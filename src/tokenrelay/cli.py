@@ -22,7 +22,7 @@ from tokenrelay.config import CONFIG_ENV
 if TYPE_CHECKING:
     from tokenrelay.config import Settings
     from tokenrelay.relay.chat import ChatService
-    from tokenrelay.relay.generations import Generations
+    from tokenrelay.relay.gateway import Gateway
 
 __all__ = ["main"]
 
@@ -59,7 +59,14 @@ def main(config: Path | None) -> None:
     help="Worker processes; more than one needs Redis (TOKENRELAY_REDIS_URL).",
 )
 @click.option("--reload", is_flag=True, help="Restart when the code changes (development).")
-def serve(host: str | None, port: int | None, workers: int, reload: bool) -> None:
+@click.option(
+    "--insecure-no-auth",
+    is_flag=True,
+    help="Listen on a non-loopback address with no keys defined (anyone may spend your tokens).",
+)
+def serve(
+    host: str | None, port: int | None, workers: int, reload: bool, insecure_no_auth: bool
+) -> None:
     """Start the HTTP server: the OpenAI API under /v1, the tutorial's /api/ask, docs at /docs."""
     import uvicorn
 
@@ -71,7 +78,10 @@ def serve(host: str | None, port: int | None, workers: int, reload: bool) -> Non
         # Through the environment, so each worker's app knows the name it is bound to (the
         # request guards answer to it).
         os.environ["TOKENRELAY_HOST"] = host
+    if insecure_no_auth:
+        os.environ["TOKENRELAY_INSECURE_NO_AUTH"] = "true"
     settings = Settings()
+    _refuse_open_to_all(settings)
     if workers > 1 and not reload and settings.redis_url is None:
         # Each worker would keep its own streams, leases and cancels: a resume, a Stop or a
         # second question landing on another worker would not find the answer.
@@ -103,6 +113,22 @@ def serve(host: str | None, port: int | None, workers: int, reload: bool) -> Non
             server_header=False,
             date_header=False,
             **uvicorn_options(settings),
+        )
+
+
+def _refuse_open_to_all(settings: Settings) -> None:
+    """Off loopback, a server with no keys would let anyone who reaches it spend tokens."""
+    from tokenrelay.access.keys import is_loopback
+
+    if is_loopback(settings.host) or settings.insecure_no_auth or settings.admin_key is not None:
+        return
+    from tokenrelay.cli_admin import usable_keys
+
+    if asyncio.run(usable_keys(settings)) == 0:
+        raise click.ClickException(
+            f"refusing to listen on {settings.host} with no keys: anyone who reaches it could "
+            "use your models; create one (`tokenrelay keys create --name NAME`), set "
+            "TOKENRELAY_ADMIN_KEY, or pass --insecure-no-auth."
         )
 
 
@@ -190,54 +216,52 @@ async def _ask_server(url: str, body: dict[str, Any], model: str | None) -> Asyn
 
 async def _ask_in_process(body: dict[str, Any], model: str | None) -> AsyncIterator[bytes]:
     """The answer the way the server makes it: a generation writing a log, read back here."""
-    from functools import partial
-
+    from tokenrelay.access.keys import LOCAL_USER
     from tokenrelay.config import Settings
     from tokenrelay.errors import TokenrelayError
     from tokenrelay.providers.base import ProviderRequest
-    from tokenrelay.providers.registry import ProviderRegistry
 
-    settings = Settings()
-    registry = ProviderRegistry.from_settings(settings)
     try:
-        async with _generations(settings) as generations:
-            model = model or await registry.default_model()
+        async with _gateway(Settings()) as gateway:
+            model = model or await gateway.registry.default_model()
             body = {**body, "model": model}
             request = ProviderRequest("chat/completions", model, body, orjson.dumps(body))
-            generation = await generations.begin(
-                partial(registry.resolve(model).open_stream, request), grace=0.0
-            )
+            admitted = await gateway.admit(LOCAL_USER, "cli", request)
+            generation = await gateway.stream(admitted, grace=0.0)
             try:
                 await generation.opened()
-                async for _, chunk in await generations.log.read(generation.stream_id, 0):
+                async for _, chunk in await gateway.generations.log.read(generation.stream_id, 0):
                     yield chunk
             finally:
                 generation.cancel()
     except TokenrelayError as exc:
         raise StreamError({"message": exc.message}) from None
-    finally:
-        await registry.aclose()
 
 
 @contextlib.asynccontextmanager
-async def _generations(settings: Settings) -> AsyncIterator[Generations]:
-    """Answers in this process, with the server's event log and shared state (memory, or
-    Redis when configured: a server then sees this process's answers too)."""
+async def _gateway(settings: Settings) -> AsyncIterator[Gateway]:
+    """Calls to models from this process, through the same seam as the server's, with the
+    server's event log and shared state (memory, or Redis when configured: a server then sees
+    this process's answers too). The terminal's user needs no key and is not accounted."""
+    from tokenrelay.providers.registry import ProviderRegistry
+    from tokenrelay.relay.gateway import Gateway
     from tokenrelay.relay.generations import Generations
     from tokenrelay.state import create_shared_state
     from tokenrelay.streams import create_event_log
 
+    registry = ProviderRegistry.from_settings(settings)
     log, state = create_event_log(settings), create_shared_state(settings)
     await log.start()
     await state.start()
     generations = Generations(log, state, lease_seconds=settings.lease_seconds)
     await generations.start()
     try:
-        yield generations
+        yield Gateway(registry, generations)
     finally:
         await generations.aclose()
         await state.aclose()
         await log.aclose()
+        await registry.aclose()
 
 
 @main.command()
@@ -340,7 +364,6 @@ async def _history(conversation_id: str | None, limit: int) -> None:
 async def _chat_service() -> AsyncIterator[ChatService]:
     """The same store and providers the server uses, in this process."""
     from tokenrelay.config import Settings
-    from tokenrelay.providers.registry import ProviderRegistry
     from tokenrelay.relay.chat import ChatService
     from tokenrelay.storage.conversations import ConversationStore
     from tokenrelay.storage.database import Database
@@ -349,12 +372,18 @@ async def _chat_service() -> AsyncIterator[ChatService]:
     database = Database(settings.database_url)
     # Only migrate: a server may be answering in the same database right now.
     await database.migrate()
-    registry = ProviderRegistry.from_settings(settings)
     try:
-        async with _generations(settings) as generations:
-            yield ChatService(
-                ConversationStore(database), registry, generations, grace=settings.stream_grace
-            )
+        async with _gateway(settings) as gateway:
+            yield ChatService(ConversationStore(database), gateway, grace=settings.stream_grace)
     finally:
-        await registry.aclose()
         await database.close()
+
+
+def _register_admin_commands() -> None:
+    from tokenrelay.cli_admin import keys, usage
+
+    main.add_command(keys)
+    main.add_command(usage)
+
+
+_register_admin_commands()

@@ -252,6 +252,23 @@ class Settings(BaseSettings):
         "(it crashed or was killed) counts as interrupted.",
     )
 
+    admin_key: SecretStr | None = Field(
+        default=None,
+        description="The admin key (`TOKENRELAY_ADMIN_KEY`): manages keys and reads usage over "
+        "HTTP (`/api/keys`, `/api/usage`, the usage page), and may call every model. Setting it "
+        "makes every request need a key.",
+    )
+    insecure_no_auth: bool = Field(
+        default=False,
+        description="Let `serve` listen on a non-loopback address with no keys defined (anyone "
+        "who reaches it may spend your tokens). Also `serve --insecure-no-auth`.",
+    )
+    usage_accounting: bool = Field(
+        default=True,
+        description="Keep a usage row per request to a model (`tokenrelay usage`, the usage "
+        "page); streams then ask their upstream for usage.",
+    )
+
     allowed_hosts: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Host names requests may address (the `Host` header) besides the loopback "

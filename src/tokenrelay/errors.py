@@ -23,6 +23,8 @@ __all__ = [
     "StreamNotFound",
     "StreamTooLarge",
     "StreamInterrupted",
+    "Unauthorized",
+    "ModelNotAllowed",
     "RedisUnavailable",
     "ClientDisconnected",
 ]
@@ -91,6 +93,26 @@ class Forbidden(TokenrelayError):
     type = "invalid_request_error"
 
 
+class Unauthorized(TokenrelayError):
+    """No gateway key, or one that is wrong, revoked or expired: 401, worded as OpenAI's."""
+
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"WWW-Authenticate": "Bearer"})
+
+
+class ModelNotAllowed(Forbidden):
+    """The caller's key may not use this model."""
+
+    code = "model_not_allowed"
+
+    def __init__(self, model: str) -> None:
+        super().__init__(f"This key may not use the model `{model}`.", param="model")
+
+
 class UnsupportedMediaType(TokenrelayError):
     status = 415
     type = "invalid_request_error"
@@ -113,8 +135,17 @@ class RateLimited(TokenrelayError):
     type = "rate_limit_error"
     code = "rate_limit_exceeded"
 
-    def __init__(self, message: str, *, retry_after: int = 1, code: str | None = None) -> None:
-        super().__init__(message, code=code, headers={"Retry-After": str(retry_after)})
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after: int = 1,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(
+            message, code=code, headers={**(headers or {}), "Retry-After": str(retry_after)}
+        )
 
 
 class UpstreamError(TokenrelayError):

@@ -1,10 +1,9 @@
 """Prometheus metrics: what tokenrelay counts, and how ``GET /metrics`` reads it.
 
 Recorded at a few moments of a request, never per chunk: its response's start (``api/tracking``),
-a streamed answer's start, first log entry and end (``relay/generation``), a whole answer's
-arrival (``observed_answer``), an upstream's failure (``providers/openai_compat``). Tokens come
-from the usage an answer reports: a whole answer's body, or a stream's last chunks, looked at
-once when the stream ends.
+an answer's start and end (the gateway, ``relay/gateway.py``, which every call to a model passes
+through), an upstream's failure (``providers/openai_compat``). Tokens come from the usage an
+answer reports: a whole answer's body, or a stream's last chunks, read once when it ends.
 
 With ``tokenrelay serve --workers N``, ``serve`` sets ``PROMETHEUS_MULTIPROC_DIR`` to a directory
 of its own before the workers start: prometheus-client then keeps every value in a file per
@@ -15,15 +14,12 @@ read from its pool when scraped in one process, are copied into such files every
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import glob
 import logging
 import os
-import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
-import orjson
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     REGISTRY,
@@ -37,7 +33,7 @@ from prometheus_client import (
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from tokenrelay.chunks import iter_data
+from tokenrelay.chunks import Usage
 
 if TYPE_CHECKING:
     from tokenrelay.providers.local.pool import PoolStats
@@ -45,11 +41,8 @@ if TYPE_CHECKING:
 __all__ = [
     "CONTENT_TYPE",
     "Exposition",
-    "answered",
-    "first_token",
-    "observed_answer",
+    "answer_ended",
     "request_answered",
-    "stream_ended",
     "stream_started",
     "upstream_error",
 ]
@@ -121,64 +114,26 @@ def stream_started() -> None:
     _ACTIVE_STREAMS.inc()
 
 
-def first_token(seconds: float) -> None:
-    _TIME_TO_FIRST_TOKEN.observe(seconds)
-
-
-def stream_ended(seconds: float, *last_chunks: bytes) -> None:
-    """A streamed answer's log ended; ``last_chunks`` are its last two provider chunks.
-
-    OpenAI-compatible streams report usage in their last chunk before ``data: [DONE]`` (with
-    ``stream_options.include_usage``; chunks before it may say ``"usage": null``): only a chunk
-    that names ``"usage"`` is parsed, once.
-    """
-    _ACTIVE_STREAMS.dec()
+def answer_ended(
+    seconds: float, first_token: float | None, usage: Usage | None, *, streamed: bool
+) -> None:
+    """An answer ended ``seconds`` after it was asked (a stream: its log ended), its first
+    token ``first_token`` seconds in (None: it never had one), having used ``usage``."""
+    if streamed:
+        _ACTIVE_STREAMS.dec()
     _DURATION.observe(seconds)
-    for chunk in reversed(last_chunks):
-        if b'"usage"' in chunk:
-            with contextlib.suppress(ValueError):  # bytes an upstream sent: maybe not JSON
-                usages = [data["usage"] for data in iter_data(chunk) if data.get("usage")]
-                if usages:
-                    _count_tokens(usages[-1])
-                    return
-
-
-def answered(seconds: float, body: bytes | None) -> None:
-    """A whole answer arrived (``body``), or failed (None), ``seconds`` after it was asked."""
-    _DURATION.observe(seconds)
-    if body is None:
-        return
-    _TIME_TO_FIRST_TOKEN.observe(seconds)
-    if b'"usage"' in body:
-        with contextlib.suppress(ValueError):
-            data = orjson.loads(body)
-            if isinstance(data, dict):
-                _count_tokens(data.get("usage"))
-
-
-async def observed_answer(answer: Awaitable[bytes]) -> bytes:
-    """``await answer`` (a provider's whole answer), timed and its usage counted."""
-    start = time.perf_counter()
-    body = None
-    try:
-        body = await answer
-        return body
-    finally:
-        answered(time.perf_counter() - start, body)
+    if first_token is not None:
+        _TIME_TO_FIRST_TOKEN.observe(first_token)
+    if usage is not None:
+        prompt, completion = usage
+        if prompt:
+            _PROMPT_TOKENS.inc(prompt)
+        if completion:
+            _COMPLETION_TOKENS.inc(completion)
 
 
 def upstream_error(provider: str) -> None:
     _UPSTREAM_ERRORS.labels(provider).inc()
-
-
-def _count_tokens(usage: object) -> None:
-    if not isinstance(usage, dict):
-        return
-    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
-    if type(prompt) is int and prompt > 0:
-        _PROMPT_TOKENS.inc(prompt)
-    if type(completion) is int and completion > 0:
-        _COMPLETION_TOKENS.inc(completion)
 
 
 # Reading.

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
 from starlette.responses import Response
 
+from tokenrelay.api.auth import caller_of
 from tokenrelay.api.relay import body_doc, generations_of, read_body, settings_of
 from tokenrelay.api.sse import EventStreamResponse
 from tokenrelay.relay.chat import ChatService, ChatTurn
@@ -173,7 +174,7 @@ async def delete_conversation(request: Request, conversation_id: str) -> Respons
 async def send_message(request: Request, conversation_id: str) -> Response:
     """Add the user's message and stream the assistant's answer, which is saved as it grows."""
     new, _, _ = await read_body(request, NewMessage)
-    turn = await _chat(request).send(conversation_id, new.content, new.model)
+    turn = await _chat(request).send(conversation_id, new.content, new.model, caller_of(request))
     return await _answer_stream(request, turn)
 
 
@@ -182,7 +183,7 @@ async def regenerate(request: Request, conversation_id: str) -> Response:
     """Answer the last question again, replacing the previous answer."""
     # The body is optional here: an empty POST regenerates with the conversation's model.
     options = (await read_body(request, Regenerate))[0] if await request.body() else Regenerate()
-    turn = await _chat(request).regenerate(conversation_id, options.model)
+    turn = await _chat(request).regenerate(conversation_id, options.model, caller_of(request))
     return await _answer_stream(request, turn)
 
 
@@ -196,6 +197,7 @@ async def _answer_stream(request: Request, turn: ChatTurn) -> Response:
         reader_of=generation,
         preamble=turn.preamble(),
         ping_interval=settings_of(request).ping_interval,
+        headers=turn.headers,
     )
 
 

@@ -23,11 +23,18 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tokenrelay.api.errors import error_response
-from tokenrelay.errors import Forbidden, TokenrelayError, UnsupportedMediaType
+from tokenrelay.errors import (
+    ClientGone,
+    Forbidden,
+    RequestTooLarge,
+    TokenrelayError,
+    UnsupportedMediaType,
+)
 
 __all__ = [
     "LOOPBACK_NAMES",
     "AllowedHosts",
+    "BodySizeLimit",
     "CrossSiteRequests",
     "Guard",
     "Guarded",
@@ -82,6 +89,8 @@ class Incoming:
     preflight_method: bytes | None = None
     preflight_headers: bytes | None = None
     request_id: bytes | None = None
+    authorization: bytes | None = None
+    api_key: bytes | None = None
 
     @classmethod
     def read(cls, scope: Scope, receive: Receive, send: Send) -> Incoming:
@@ -107,6 +116,10 @@ class Incoming:
                 request.preflight_headers = value
             elif name == b"x-request-id":
                 request.request_id = value
+            elif name == b"authorization":
+                request.authorization = request.authorization or value
+            elif name == b"api-key":
+                request.api_key = request.api_key or value
         return request
 
     @property
@@ -117,7 +130,7 @@ class Incoming:
 class Guard(Protocol):
     """One check on every request, before any route sees it."""
 
-    def check(self, request: Incoming) -> Response | None:
+    async def check(self, request: Incoming) -> Response | None:
         """Raise a ``TokenrelayError`` to refuse, return a response to answer here, else None."""
 
 
@@ -132,7 +145,7 @@ class Guarded:
         request = Incoming.read(scope, receive, send)
         try:
             for guard in self.guards:
-                answer = guard.check(request)
+                answer = await guard.check(request)
                 if answer is not None:
                     await answer(scope, receive, request.send)
                     return
@@ -182,7 +195,7 @@ class AllowedHosts:
         self.names = frozenset(names)
         self._allowed: set[bytes] = set()
 
-    def check(self, request: Incoming) -> Response | None:
+    async def check(self, request: Incoming) -> Response | None:
         host = request.host
         if self.any or host is None or host in self._allowed:
             return None
@@ -218,7 +231,7 @@ class CrossSiteRequests:
         self.origins = frozenset(origin.encode() for origin in cors_origins)
         self.spending_paths = frozenset(spending_paths)
 
-    def check(self, request: Incoming) -> Response | None:
+    async def check(self, request: Incoming) -> Response | None:
         origin = request.origin
         allowed = origin is not None and origin.lower() in self.origins
         if request.method == "OPTIONS" and origin is not None and request.preflight_method:
@@ -301,7 +314,7 @@ class JsonBodies:
     (``POST .../stop``) need no type.
     """
 
-    def check(self, request: Incoming) -> Response | None:
+    async def check(self, request: Incoming) -> Response | None:
         if request.method in SAFE_METHODS or not request.has_body:
             return None
         declared = request.content_type
@@ -317,3 +330,46 @@ class JsonBodies:
 def _media_type(content_type: bytes) -> bytes:
     """``b"application/json; charset=utf-8"`` -> ``b"application/json"``."""
     return content_type.partition(b";")[0].strip().lower()
+
+
+class BodySizeLimit:
+    """Refuses a body over the configured size with 413, before anything reads it whole: checks
+    ``Content-Length`` and counts chunked bodies as they arrive. A client that leaves before
+    sending all of it is no error (``ClientGone``)."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+
+    def _error(self) -> RequestTooLarge:
+        return RequestTooLarge(f"The request body is larger than {self.max_bytes} bytes.")
+
+    async def check(self, request: Incoming) -> Response | None:
+        length = request.content_length
+        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+            raise self._error()
+        if request.has_body:
+            request.receive = self._bounded(request.receive)
+        return None
+
+    def _bounded(self, receive: Receive) -> Receive:
+        received = 0
+        whole = False
+
+        async def bounded_receive() -> Message:
+            nonlocal received, whole
+            message = await receive()
+            if whole:  # after the body: the disconnect watch of a streamed answer
+                return message
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    # Raised to whoever reads the body (``read_body``), mapped like any error.
+                    raise self._error()
+                whole = not message.get("more_body", False)
+            elif message["type"] == "http.disconnect":
+                # The client left (or was cut off by ``body_timeout``) mid-body: its reader
+                # gets an error that is answered to nobody and logged as nothing.
+                raise ClientGone("The client left before sending the whole request body.")
+            return message
+
+        return bounded_receive

@@ -1,11 +1,11 @@
-"""The path every completion takes: pick the provider, then answer whole or as a stream."""
+"""The path every completion takes through the gateway: admitted, then answered whole or as a
+stream; and what the routes share for reading a request."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 from collections.abc import Awaitable
-from functools import partial
 from typing import Any, TypeVar
 
 import orjson
@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive
 
-from tokenrelay import metrics
+from tokenrelay.api.auth import caller_of
 from tokenrelay.api.errors import validation_message
 from tokenrelay.api.sse import EventStreamResponse
 from tokenrelay.api.tracking import MODEL_KEY
@@ -22,6 +22,7 @@ from tokenrelay.config import Settings
 from tokenrelay.errors import ClientDisconnected, InvalidRequest
 from tokenrelay.providers.base import Endpoint, ProviderRequest
 from tokenrelay.providers.registry import ProviderRegistry
+from tokenrelay.relay.gateway import Gateway
 from tokenrelay.relay.generations import Generations
 
 M = TypeVar("M", bound=BaseModel)
@@ -30,6 +31,7 @@ T = TypeVar("T")
 __all__ = [
     "RESUMABLE_HEADER",
     "body_doc",
+    "gateway_of",
     "generations_of",
     "read_body",
     "registry_of",
@@ -56,44 +58,48 @@ def generations_of(request: Request) -> Generations:
     return generations
 
 
+def gateway_of(request: Request) -> Gateway:
+    gateway: Gateway = request.app.state.gateway
+    return gateway
+
+
 RESUMABLE_HEADER = "x-tokenrelay-resumable"
 """``true``: the answer outlives its connection for ``stream_grace`` s, so a client can resume."""
 
 
 async def relay(request: Request, endpoint: Endpoint, body: dict[str, Any], raw: bytes) -> Response:
-    """Send one validated OpenAI request to its provider and return its answer unchanged.
+    """Send one validated OpenAI request through the gateway and return its answer unchanged.
 
     A streamed answer is a generation writing to a log, which this connection reads. Unless
     the client asks for a resumable stream, the grace is 0: the upstream is closed the moment
     the client leaves, as an SDK client expects.
     """
     model = body["model"]
-    provider = registry_of(request).resolve(model)
     request.scope[MODEL_KEY] = model  # the label of this request's count
-    provider_request = ProviderRequest(endpoint=endpoint, model=model, body=body, raw=raw)
-    if not provider_request.stream:
-        answer = await unless_client_leaves(
-            request, metrics.observed_answer(provider.complete(provider_request))
-        )
-        return Response(answer, media_type="application/json")
+    gateway = gateway_of(request)
+    admitted = await gateway.admit(
+        caller_of(request),
+        request.scope["path"],
+        ProviderRequest(endpoint=endpoint, model=model, body=body, raw=raw),
+    )
+    if not admitted.request.stream:
+        answer = await unless_client_leaves(request, gateway.complete(admitted))
+        return Response(answer, media_type="application/json", headers=admitted.headers)
     settings = settings_of(request)
     resumable = request.headers.get(RESUMABLE_HEADER, "").lower() == "true"
-    generations = generations_of(request)
-    generation = await generations.begin(
-        partial(provider.open_stream, provider_request),
-        grace=settings.stream_grace if resumable else 0.0,
-    )
+    generation = await gateway.stream(admitted, grace=settings.stream_grace if resumable else 0.0)
     try:
         await unless_client_leaves(request, generation.opened())
     except BaseException:
         generation.cancel()  # the client left first (an error ended the answer already)
         raise
-    entries = await generations.log.read(generation.stream_id, 0)
+    entries = await gateway.generations.log.read(generation.stream_id, 0)
     return EventStreamResponse(
         generation.stream_id,
         entries,
         reader_of=generation,
         ping_interval=settings.ping_interval,
+        headers=admitted.headers,
     )
 
 

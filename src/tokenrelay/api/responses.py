@@ -13,9 +13,11 @@ import orjson
 from fastapi import APIRouter, Query, Request
 from starlette.responses import JSONResponse, Response
 
+from tokenrelay.api.auth import caller_of
 from tokenrelay.api.errors import validation_message
 from tokenrelay.api.relay import generations_of, settings_of, unless_client_leaves
 from tokenrelay.api.sse import EventStreamResponse
+from tokenrelay.api.tracking import MODEL_KEY
 from tokenrelay.errors import InvalidRequest, StreamNotFound
 from tokenrelay.relay.responses import ResponseService
 from tokenrelay.storage.responses import ResponseNotFound
@@ -65,13 +67,13 @@ async def create_response(request: Request) -> Response:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError:
         raise validation_message([{"type": "json_invalid", "loc": ()}]) from None
+    if isinstance(body, dict) and isinstance(body.get("model"), str):
+        request.scope[MODEL_KEY] = body["model"]  # the label of this request's count
     service = _service(request)
-    started = await unless_client_leaves(request, service.create(body))
+    started = await unless_client_leaves(request, service.create(body, caller_of(request)))
     generation = started.generation
-    if generation is None:
-        return JSONResponse(started.response)
-    if not started.stream:  # background, not streamed: the Response as it is now
-        return JSONResponse(started.response)
+    if generation is None or not started.stream:  # whole; or background: the Response as now
+        return JSONResponse(started.response, headers=started.headers)
     try:
         await unless_client_leaves(request, generation.opened())
     except BaseException:
@@ -83,6 +85,7 @@ async def create_response(request: Request) -> Response:
         entries,
         reader_of=generation,
         ping_interval=settings_of(request).ping_interval,
+        headers=started.headers,
     )
 
 

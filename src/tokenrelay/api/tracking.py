@@ -41,7 +41,7 @@ class RequestTracking:
     def __init__(self, fast_routes: Iterable[str]) -> None:
         self.fast_routes = frozenset(fast_routes)  # served without FastAPI's routing
 
-    def check(self, request: Incoming) -> Response | None:
+    async def check(self, request: Incoming) -> Response | None:
         given = request.request_id
         if given is not None and _SANE_ID.fullmatch(given):
             request_id = given.decode("ascii")

@@ -14,16 +14,15 @@ import asyncio
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
 import orjson
 
+from tokenrelay.access.keys import LOCAL_USER, Caller
 from tokenrelay.errors import InvalidRequest
 from tokenrelay.providers.base import ProviderRequest
-from tokenrelay.providers.registry import ProviderRegistry
+from tokenrelay.relay.gateway import Admitted, Gateway
 from tokenrelay.relay.generation import Generation
-from tokenrelay.relay.generations import Generations
 from tokenrelay.relay.recorder import MessageRecorder
 from tokenrelay.sse import encode_event
 from tokenrelay.storage.conversations import (
@@ -48,6 +47,8 @@ class ChatTurn:
     user_message: MessageRecord | None
     assistant_message: MessageRecord
     generation: Generation
+    headers: dict[str, str] = field(default_factory=dict)
+    """The caller's rate-limit headers."""
 
     def preamble(self) -> bytes:
         """The ``event: message`` naming both stored messages, before the model's chunks."""
@@ -89,47 +90,59 @@ class ChatService:
     def __init__(
         self,
         store: ConversationStore,
-        registry: ProviderRegistry,
-        generations: Generations,
+        gateway: Gateway,
         *,
         grace: float = 15.0,
         flush_interval: float = 1.0,
         answer_reserve: int = 512,
     ) -> None:
         self.store = store
-        self.registry = registry
-        self.generations = generations
+        self.gateway = gateway
+        self.registry = gateway.registry
+        self.generations = gateway.generations
         self._claims: dict[str, _Claim] = {}
         self._running: dict[str, Generation] = {}  # conversation id -> its answer, here
         self._grace = grace
         self._flush_interval = flush_interval
         self._answer_reserve = answer_reserve
 
-    async def send(self, conversation_id: str, content: str, model: str | None = None) -> ChatTurn:
-        """Store ``content`` as the user's next message and start the answer."""
+    async def send(
+        self,
+        conversation_id: str,
+        content: str,
+        model: str | None = None,
+        caller: Caller = LOCAL_USER,
+    ) -> ChatTurn:
+        """Store ``content`` as the user's next message and start the answer.
+
+        The call is admitted (the key's model and limits) before anything is stored: a refused
+        question leaves no trace in the conversation.
+        """
         async with self._claim(conversation_id) as claim:
             conversation = await self._settled(conversation_id)
-            model = await self._model_for(conversation, model)
+            model = await self._model_for(conversation, model, caller)
+            history = [*_history(conversation.messages), {"role": "user", "content": content}]
+            admitted = await self._admit(caller, conversation, history, model)
             user_message = await self.store.add_message(conversation_id, MessageRole.USER, content)
             if conversation.title is None and not conversation.messages:
                 await self.store.rename_conversation(conversation_id, _title_from(content))
-            history = [*_history(conversation.messages), {"role": "user", "content": content}]
-            return await self._answer(claim, conversation, history, model, user_message)
+            return await self._answer(claim, conversation, admitted, user_message)
 
-    async def regenerate(self, conversation_id: str, model: str | None = None) -> ChatTurn:
+    async def regenerate(
+        self, conversation_id: str, model: str | None = None, caller: Caller = LOCAL_USER
+    ) -> ChatTurn:
         """Answer the last user message again, replacing the answer after it."""
         async with self._claim(conversation_id) as claim:
             conversation = await self._settled(conversation_id)
-            model = await self._model_for(conversation, model)
+            model = await self._model_for(conversation, model, caller)
             messages = list(conversation.messages)
             replaced = []
             while messages and messages[-1].role == MessageRole.ASSISTANT:
                 replaced.append(messages.pop().id)
             if not messages or messages[-1].role != MessageRole.USER:
                 raise InvalidRequest("There is no question to answer again in this conversation.")
-            return await self._answer(
-                claim, conversation, _history(messages), model, None, replaced
-            )
+            admitted = await self._admit(caller, conversation, _history(messages), model)
+            return await self._answer(claim, conversation, admitted, None, replaced)
 
     async def stop(self, conversation_id: str, *, wait: float | None = None) -> bool:
         """Stop the answer being written, if any, and wait (``wait`` s at most, by default a
@@ -186,10 +199,32 @@ class ChatService:
                 await self.store.interrupt_answer(message.id)
         return conversation
 
-    async def _model_for(self, conversation: ConversationDetail, model: str | None) -> str:
+    async def _model_for(
+        self, conversation: ConversationDetail, model: str | None, caller: Caller
+    ) -> str:
         model = model or conversation.model or await self.registry.default_model()
-        self.registry.resolve(model)  # an unknown model is refused before anything is stored
+        # An unknown model (or one the key may not use) is refused before anything is stored.
+        self.gateway.provider_for(caller, model)
         return model
+
+    async def _admit(
+        self,
+        caller: Caller,
+        conversation: ConversationDetail,
+        history: list[dict[str, Any]],
+        model: str,
+    ) -> Admitted:
+        """The call answering ``history``, within the model's context window, admitted."""
+        provider = self.gateway.provider_for(caller, model)
+        budget = provider.context_window(model) - self._answer_reserve
+        body = {
+            "model": model,
+            "messages": trim_history(conversation.system, history, budget),
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        request = ProviderRequest("chat/completions", model, body, orjson.dumps(body))
+        return await self.gateway.admit(caller, "conversations", request)
 
     @asynccontextmanager
     async def _claim(self, conversation_id: str) -> AsyncIterator[_Claim]:
@@ -220,8 +255,7 @@ class ChatService:
         self,
         claim: _Claim,
         conversation: ConversationDetail,
-        history: list[dict[str, Any]],
-        model: str,
+        admitted: Admitted,
         user_message: MessageRecord | None,
         replaced: Sequence[str] = (),
     ) -> ChatTurn:
@@ -231,15 +265,7 @@ class ChatService:
         it while the upstream has not answered yet (or the local model's queue holds it). A
         refusal before the first byte is raised here, as an HTTP error for the route.
         """
-        provider = self.registry.resolve(model)
-        budget = provider.context_window(model) - self._answer_reserve
-        body = {
-            "model": model,
-            "messages": trim_history(conversation.system, history, budget),
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        }
-        request = ProviderRequest("chat/completions", model, body, orjson.dumps(body))
+        model = admitted.request.model
         stream_id = new_stream_id()
         answer = await self.store.add_message(
             conversation.id,
@@ -249,8 +275,8 @@ class ChatService:
             stream_id=stream_id,
         )
         assert claim.token is not None
-        generation = await self.generations.begin(
-            partial(provider.open_stream, request),
+        generation = await self.gateway.stream(
+            admitted,
             grace=self._grace,
             recorder=MessageRecorder(self.store, answer.id, flush_interval=self._flush_interval),
             leased=True,
@@ -267,7 +293,7 @@ class ChatService:
                 # Gone already if the conversation was deleted meanwhile.
                 with suppress(MessageNotFound):
                     await self.store.delete_message(message_id)
-        return ChatTurn(user_message, answer, generation)
+        return ChatTurn(user_message, answer, generation, admitted.headers)
 
     def _ended(self, conversation_id: str, generation: Generation) -> None:
         if self._running.get(conversation_id) is generation:

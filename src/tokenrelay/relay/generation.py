@@ -17,9 +17,10 @@ runs once it is saved, before the log ends (releasing what the answer held); a `
 decides which log entries a chunk becomes (the chat chunks as they came, or the Responses
 API's events translated from them).
 
-Metrics (``tokenrelay.metrics``) are taken at the answer's start, its first chunk and its end;
-its usage, which OpenAI-compatible streams report last, is looked for in its last two chunks
-then. Per chunk, that costs keeping a reference to the one before, no search.
+What the answer cost is the gateway's business (``relay/gateway.py``): a generation only
+notes when its first chunk came, keeps its last two chunks (where OpenAI-compatible streams
+report usage) and calls ``on_end`` once, before its log ends. Per chunk, that costs keeping a
+reference to the one before, no search.
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
 from typing import Protocol
 
-from tokenrelay import metrics
 from tokenrelay.chunks import StreamError
 from tokenrelay.errors import TokenrelayError
 from tokenrelay.sse import DONE, encode_event
@@ -174,6 +174,7 @@ class Generation:
         shape: Shape | None = None,
         recorder: Recorder | None = None,
         settle: Callable[[], Awaitable[None]] | None = None,
+        on_end: Callable[[Generation], None] | None = None,
     ) -> None:
         self.stream_id = writer.stream_id
         self.grace = grace
@@ -184,6 +185,13 @@ class Generation:
         self._passthrough = shape is None
         self._recorder = recorder
         self._settle = settle
+        self._on_end = on_end
+        self.client_left = False
+        """No reader was left when the answer ended (or was cut short for that reason)."""
+        self.time_to_first_chunk: float | None = None
+        self.duration = 0.0
+        self.last_chunks: tuple[bytes, bytes] = (b"", b"")
+        """The provider's last two chunks: where its usage is, if it reported any."""
         self._stream: AsyncGenerator[bytes, None] | None = None
         self._refusal: TokenrelayError | None = None
         self._final_status = MessageStatus.STOPPED
@@ -200,6 +208,11 @@ class Generation:
     def finished(self) -> bool:
         return self._finished.is_set()
 
+    @property
+    def entries(self) -> int:
+        """Log entries written so far: about one per token (the gateway's running token count)."""
+        return self._writer.seq
+
     async def opened(self) -> bool:
         """Wait for the provider: True once it accepted, False if the answer was cancelled first.
 
@@ -213,7 +226,6 @@ class Generation:
 
     async def _run(self, open_stream: StreamOpener) -> None:
         self._started = True
-        metrics.stream_started()
         writer, shape, recorder = self._writer, self._shape, self._recorder
         tail: list[bytes] = []
         before = last = b""  # the answer's last two chunks, where its usage is (``metrics``)
@@ -231,7 +243,7 @@ class Generation:
             async for chunk in stream:  # the first chunk alone: the time to the first token
                 for entry in shape.feed(chunk):
                     append(entry)
-                metrics.first_token(time.perf_counter() - self._begun)
+                self.time_to_first_chunk = time.perf_counter() - self._begun
                 if recorder is not None:
                     recorder.feed(chunk)
                 last = chunk
@@ -277,9 +289,10 @@ class Generation:
             if self._grace_timer is not None:
                 self._grace_timer.cancel()
             # Never cancelled midway: the stream is closed, the log ended, the answer saved.
-            await asyncio.shield(self._finish(b"".join(tail), (before, last)))
+            self.last_chunks = (before, last)
+            await asyncio.shield(self._finish(b"".join(tail)))
 
-    async def _finish(self, tail: bytes, last_chunks: tuple[bytes, bytes]) -> None:
+    async def _finish(self, tail: bytes) -> None:
         if self._stream is not None:
             try:
                 await self._stream.aclose()
@@ -294,19 +307,25 @@ class Generation:
                 await self._settle()
             except Exception:
                 logger.exception("settling %s failed", self.stream_id)
+        self.duration = time.perf_counter() - self._begun
+        if self._on_end is not None:
+            try:
+                self._on_end(self)
+            except Exception:
+                logger.exception("accounting for %s failed", self.stream_id)
         try:
             # An answer cancelled when its client leaves cannot be resumed: its log is kept
             # only for readers already behind it, not for ``stream_ttl`` (memory per answer).
             await self._writer.end(tail, keep=_UNRESUMABLE_KEEP if self.grace <= 0 else None)
         except Exception:
             logger.exception("ending the log of %s failed", self.stream_id)
-        metrics.stream_ended(time.perf_counter() - self._begun, *last_chunks)
 
     # Readers.
 
     def attach(self) -> None:
         """A connection started reading the log."""
         self._readers += 1
+        self.client_left = False
         if self._grace_timer is not None:
             self._grace_timer.cancel()
             self._grace_timer = None
@@ -316,6 +335,7 @@ class Generation:
         self._readers -= 1
         if self._readers > 0 or self.finished:
             return
+        self.client_left = True
         if self.grace <= 0:
             self.cancel()
         elif self.grace != math.inf:  # an answer that runs to its end whoever reads it

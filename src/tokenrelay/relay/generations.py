@@ -24,7 +24,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from collections.abc import Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
 
 from tokenrelay.errors import StreamNotFound
@@ -93,6 +93,7 @@ class Generations:
         leased: bool = False,
         stream_id: str | None = None,
         holding: Iterable[tuple[str, str]] = (),
+        on_end: Callable[[Generation], None] | None = None,
     ) -> Generation:
         """Open a log and start the answer into it.
 
@@ -115,6 +116,7 @@ class Generations:
             shape=shape,
             recorder=recorder,
             settle=(lambda: self._release_all(keys)) if keys else None,
+            on_end=on_end,
         )
         self._running[stream_id] = generation
         generation.task.add_done_callback(lambda _: self._ended(stream_id, keys))

@@ -19,21 +19,21 @@ import contextlib
 import logging
 import math
 from collections.abc import AsyncGenerator, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any
 
 import orjson
 
-from tokenrelay import metrics
+from tokenrelay.access.keys import LOCAL_USER, Caller
 from tokenrelay.errors import InvalidRequest, TokenrelayError
 from tokenrelay.providers.base import Provider, ProviderRequest
 from tokenrelay.providers.deployments import Deployments
 from tokenrelay.providers.openai_compat import OpenAICompatibleProvider
-from tokenrelay.providers.registry import ProviderRegistry
+from tokenrelay.relay.gateway import Admitted, Gateway
 from tokenrelay.relay.generation import Generation
-from tokenrelay.relay.generations import Generations, answer_lease
+from tokenrelay.relay.generations import answer_lease
 from tokenrelay.responses import (
     ChatTranslation,
     ResponseStream,
@@ -146,22 +146,17 @@ class StartedResponse:
     response: dict[str, Any]
     generation: Generation | None = None
     stream: bool = False
+    headers: dict[str, str] = field(default_factory=dict)
+    """The caller's rate-limit headers."""
 
 
 class ResponseService:
     """Creates, finds, cancels and deletes responses; the routes only speak HTTP."""
 
-    def __init__(
-        self,
-        store: ResponseStore,
-        registry: ProviderRegistry,
-        generations: Generations,
-        *,
-        ttl_days: float,
-    ) -> None:
+    def __init__(self, store: ResponseStore, gateway: Gateway, *, ttl_days: float) -> None:
         self.store = store
-        self.registry = registry
-        self.generations = generations
+        self.gateway = gateway
+        self.generations = gateway.generations
         self._ttl = timedelta(days=ttl_days)
         self._streams: dict[str, ResponseStream] = {}  # running here, by response id
         self._sweeper: asyncio.Task[None] | None = None
@@ -193,10 +188,10 @@ class ResponseService:
                 logger.exception("expiring stored responses failed")
             await asyncio.sleep(_EXPIRY_SWEEP_SECONDS)
 
-    async def create(self, body: object) -> StartedResponse:
+    async def create(self, body: object, caller: Caller = LOCAL_USER) -> StartedResponse:
         """Validate, translate and start a response (see the module docstring)."""
         request = parse_request(body)
-        provider = self.registry.resolve(request.model)
+        provider = self.gateway.provider_for(caller, request.model)
         history: list[Any] = []
         if request.previous_response_id is not None:
             turns = await self.store.chain(request.previous_response_id)
@@ -209,6 +204,12 @@ class ResponseService:
         store = request.store is not False
         background = bool(request.background)
         streamed = bool(request.stream) or background
+        body_out = dict(translation.body)
+        if streamed:
+            body_out["stream"] = True
+            body_out["stream_options"] = {"include_usage": True}
+        chat = ProviderRequest("chat/completions", request.model, body_out, orjson.dumps(body_out))
+        admitted = await self.gateway.admit(caller, "responses", chat)
         if store:
             await self.store.create(
                 response_id=response_id,
@@ -219,20 +220,15 @@ class ResponseService:
                 background=background,
                 previous_response_id=request.previous_response_id,
             )
-        body_out = dict(translation.body)
-        if streamed:
-            body_out["stream"] = True
-            body_out["stream_options"] = {"include_usage": True}
-        chat = ProviderRequest("chat/completions", request.model, body_out, orjson.dumps(body_out))
         if not streamed:
-            return StartedResponse(
-                await self._whole(provider, chat, translation, response_id, store=store)
-            )
+            whole = await self._whole(admitted, translation, response_id, store=store)
+            return StartedResponse(whole, headers=admitted.headers)
         stream = ResponseStream(
             response_id, fields=translation.fields, tool_names=translation.tool_names
         )
-        generation = await self.generations.begin(
-            partial(_open_renamed, provider, chat, translation),
+        generation = await self.gateway.stream(
+            admitted,
+            opener=partial(_open_renamed, translation),
             grace=math.inf if background else 0.0,
             shape=_ResponseEvents(stream, queued=background),
             recorder=_StoredResponse(self.store, stream, queued=background) if store else None,
@@ -241,19 +237,20 @@ class ResponseService:
         )
         self._streams[response_id] = stream
         generation.task.add_done_callback(lambda _: self._streams.pop(response_id, None))
-        return StartedResponse(stream.response(), generation, stream=bool(request.stream))
+        return StartedResponse(
+            stream.response(), generation, stream=bool(request.stream), headers=admitted.headers
+        )
 
     async def _whole(
         self,
-        provider: Provider,
-        chat: ProviderRequest,
+        admitted: Admitted,
         translation: ChatTranslation,
         response_id: str,
         *,
         store: bool,
     ) -> dict[str, Any]:
         try:
-            completion = orjson.loads(await metrics.observed_answer(provider.complete(chat)))
+            completion = orjson.loads(await self.gateway.complete(admitted))
         except TokenrelayError as exc:
             exc.param = translation.param_for(exc.param)
             if store:
@@ -303,7 +300,7 @@ class ResponseService:
 
 
 async def _open_renamed(
-    provider: Provider, chat: ProviderRequest, translation: ChatTranslation
+    translation: ChatTranslation, provider: Provider, chat: ProviderRequest
 ) -> AsyncGenerator[bytes, None]:
     """Open the chat stream; an error naming a chat parameter names the Responses one."""
     try:

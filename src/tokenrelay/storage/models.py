@@ -1,4 +1,5 @@
-"""The tables tokenrelay keeps: conversations and their messages, stored Responses.
+"""The tables tokenrelay keeps: conversations and their messages, stored Responses, gateway
+keys and the usage of every request to a model.
 
 The schema itself is created by the numbered migrations in ``storage/migrations/versions``, never by
 ``metadata.create_all``; these models describe it for queries and for ``alembic --autogenerate``,
@@ -19,6 +20,7 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 __all__ = [
+    "ApiKey",
     "Base",
     "Conversation",
     "Message",
@@ -30,6 +32,7 @@ __all__ = [
     "StorableString",
     "StorableText",
     "UTCDateTime",
+    "UsageRecord",
     "new_id",
     "storable",
     "utcnow",
@@ -271,3 +274,55 @@ class ResponseInputItem(Base):
     # Client-made ids can be long (the Codex CLI sends ``msg_`` and a UUID).
     item_id: Mapped[str] = mapped_column(sa.String(200))
     item: Mapped[dict[str, Any]] = mapped_column(sa.JSON)
+
+
+class ApiKey(Base):
+    """A gateway key: who may call which models, how often. The key itself is never stored.
+
+    ``secret_hash`` is the SHA-256 of the whole key (``tr-`` and 43 random base64url characters,
+    256 bits: no salt or slow hash is needed for a secret nobody chose), looked up through the
+    ORM only. ``hint`` is what lists show: the prefix and the last four characters.
+    A revoked key is kept, so its usage rows still name it.
+    """
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(sa.String(32), primary_key=True, default=lambda: new_id("key"))
+    name: Mapped[str] = mapped_column(StorableString(100), unique=True)
+    secret_hash: Mapped[str] = mapped_column(sa.String(64), unique=True)
+    hint: Mapped[str] = mapped_column(sa.String(16))
+    rpm: Mapped[int | None] = mapped_column(sa.Integer)
+    tpm: Mapped[int | None] = mapped_column(sa.Integer)
+    tokens_per_day: Mapped[int | None] = mapped_column(sa.Integer)
+    models: Mapped[list[str] | None] = mapped_column(sa.JSON)
+    """The model names this key may use; None for every model."""
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class UsageRecord(Base):
+    """One request to a model: whose, which, how many tokens, how fast, how it ended.
+
+    ``key_id`` is None for the local user of a server without keys. ``status`` is how the
+    answer ended (``complete``, ``error``, ``stopped``, ``interrupted``, ``rate_limited``);
+    ``client_left`` says the client went away before the end, whatever else happened.
+    """
+
+    __tablename__ = "usage"
+    __table_args__ = (sa.Index(None, "created_at"), sa.Index(None, "key_id", "created_at"))
+
+    id: Mapped[int] = mapped_column(
+        sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    key_id: Mapped[str | None] = mapped_column(sa.String(32))
+    route: Mapped[str] = mapped_column(sa.String(40))
+    model: Mapped[str] = mapped_column(StorableString(200))
+    provider: Mapped[str] = mapped_column(StorableString(100))
+    prompt_tokens: Mapped[int] = mapped_column(sa.Integer, default=0)
+    completion_tokens: Mapped[int] = mapped_column(sa.Integer, default=0)
+    ttft_ms: Mapped[int | None] = mapped_column(sa.Integer)
+    duration_ms: Mapped[int] = mapped_column(sa.Integer, default=0)
+    status: Mapped[str] = mapped_column(sa.String(16))
+    client_left: Mapped[bool] = mapped_column(sa.Boolean, default=False)
