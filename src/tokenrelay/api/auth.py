@@ -29,6 +29,7 @@ _OPEN_PATHS = frozenset(
     {
         "/",
         "/usage",
+        "/health",
         "/healthz",
         "/readyz",
         "/docs",
