@@ -52,6 +52,10 @@ _METER_INTERVAL = 1.0
 Opener = Callable[[Provider, ProviderRequest], Awaitable[AsyncGenerator[bytes, None]]]
 
 
+def _prompt_estimate(request: ProviderRequest) -> int:
+    return max(1, len(request.raw) // _BYTES_PER_TOKEN)
+
+
 def _open(provider: Provider, request: ProviderRequest) -> Awaitable[AsyncGenerator[bytes, None]]:
     return provider.open_stream(request)
 
@@ -125,7 +129,7 @@ class Gateway:
         charged = 0
         key = caller.key
         if key is not None and key.limited and self.limiter is not None:
-            charged = max(1, len(request.raw) // _BYTES_PER_TOKEN)
+            charged = _prompt_estimate(request)
             try:
                 headers = await self.limiter.admit(key, charged)
             except RateLimited:
@@ -243,7 +247,15 @@ class Gateway:
         client_left: bool,
         entries: int = 0,
     ) -> None:
-        """Write the call's usage row, and charge its key what its windows have not seen."""
+        """Write the call's usage row, and charge its key what its windows have not seen.
+
+        Without reported usage (the answer was cut short), the prompt is estimated from the
+        request's size and the answer from its log entries (the first holds no token), and the
+        row says so.
+        """
+        estimated = usage is None and entries > 0
+        if usage is None:  # nothing generated, nothing used (an error before the first byte)
+            usage = (_prompt_estimate(admitted.request), entries - 1) if estimated else (0, 0)
         self._record(
             admitted.caller,
             admitted.route,
@@ -254,11 +266,12 @@ class Gateway:
             seconds,
             status,
             client_left=client_left,
+            estimated=estimated,
         )
         key = admitted.caller.key
         if key is None or self.limiter is None or not (key.tpm or key.tokens_per_day):
             return
-        spent = sum(usage) if usage is not None else admitted.estimate + entries
+        spent = sum(usage)
         owed = spent - admitted.charged
         admitted.charged = spent
         if owed > 0:
@@ -276,6 +289,7 @@ class Gateway:
         status: str,
         *,
         client_left: bool = False,
+        estimated: bool = False,
     ) -> None:
         if self.ledger is None:
             return
@@ -293,6 +307,7 @@ class Gateway:
                 duration_ms=round(seconds * 1000),
                 status=status,
                 client_left=client_left,
+                estimated=estimated,
             )
         )
 

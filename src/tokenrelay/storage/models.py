@@ -326,3 +326,6 @@ class UsageRecord(Base):
     duration_ms: Mapped[int] = mapped_column(sa.Integer, default=0)
     status: Mapped[str] = mapped_column(sa.String(16))
     client_left: Mapped[bool] = mapped_column(sa.Boolean, default=False)
+    estimated: Mapped[bool] = mapped_column(sa.Boolean, default=False)
+    """The tokens are estimated: the answer ended before its provider reported usage (a client
+    that left, a failure): the prompt from the request's size, the answer from its chunks."""

@@ -41,6 +41,7 @@ class UsageRow:
     duration_ms: int
     status: str
     client_left: bool
+    estimated: bool = False
 
 
 class UsageStore:

@@ -55,6 +55,7 @@ def upgrade() -> None:
         sa.Column("duration_ms", sa.Integer(), nullable=False),
         sa.Column("status", sa.String(16), nullable=False),
         sa.Column("client_left", sa.Boolean(), nullable=False),
+        sa.Column("estimated", sa.Boolean(), nullable=False),
         sa.PrimaryKeyConstraint("id", name="pk_usage"),
     )
     op.create_index("ix_usage_created_at", "usage", ["created_at"])
