@@ -24,7 +24,6 @@ import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
 
 import orjson
 
@@ -103,7 +102,6 @@ class Gateway:
         self.ledger = ledger
         self._metered: dict[Generation, Admitted] = {}
         self._meter: asyncio.Task[None] | None = None
-        self._charges: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         if self.limiter is not None:
@@ -113,7 +111,6 @@ class Gateway:
         if self._meter is not None:
             self._meter.cancel()
             await asyncio.gather(self._meter, return_exceptions=True)
-        await asyncio.gather(*self._charges, return_exceptions=True)
 
     def provider_for(self, caller: Caller, model: str) -> Provider:
         """The provider answering ``model`` for ``caller``: 403 if the key may not use it,
@@ -176,7 +173,7 @@ class Gateway:
             metrics.answer_ended(
                 seconds, seconds if body is not None else None, usage, streamed=False
             )
-            self._settle(
+            await self._settle(
                 admitted,
                 usage,
                 seconds if body is not None else None,
@@ -201,13 +198,13 @@ class Gateway:
         if shape is None and admitted.strip_usage:
             shape = WithoutUsage()
 
-        def ended(generation: Generation) -> None:
+        async def ended(generation: Generation) -> None:
             self._metered.pop(generation, None)
             usage = usage_in_stream(*generation.last_chunks)
             first = generation.time_to_first_chunk
             metrics.answer_ended(generation.duration, first, usage, streamed=True)
             status = str(generation.status)
-            self._settle(
+            await self._settle(
                 admitted,
                 usage,
                 first,
@@ -236,7 +233,7 @@ class Gateway:
 
     # Accounting.
 
-    def _settle(
+    async def _settle(
         self,
         admitted: Admitted,
         usage: Usage | None,
@@ -275,7 +272,10 @@ class Gateway:
         owed = spent - admitted.charged
         admitted.charged = spent
         if owed > 0:
-            self._spawn(self.limiter.charge(key, owed))
+            try:
+                await self.limiter.charge(key, owed)
+            except Exception:  # Redis gone: the answer is not failed for it
+                logger.exception("charging tokens to a key failed")
 
     def _record(
         self,
@@ -329,13 +329,3 @@ class Gateway:
                     await self.limiter.charge(key, flowed)
                 except Exception:
                     logger.exception("charging tokens to a key failed")
-
-    def _spawn(self, work: Any) -> None:
-        task: asyncio.Task[None] = asyncio.create_task(work)
-        self._charges.add(task)
-        task.add_done_callback(self._charged)
-
-    def _charged(self, task: asyncio.Task[None]) -> None:
-        self._charges.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            logger.error("charging tokens to a key failed: %s", type(task.exception()).__name__)

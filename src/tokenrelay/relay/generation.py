@@ -19,7 +19,8 @@ API's events translated from them).
 
 What the answer cost is the gateway's business (``relay/gateway.py``): a generation only
 notes when its first chunk came, keeps its last two chunks (where OpenAI-compatible streams
-report usage) and calls ``on_end`` once, before its log ends. Per chunk, that costs keeping a
+report usage) and awaits ``on_end`` once, before its log ends: a reader who sees the end finds
+the answer accounted for. Per chunk, that costs keeping a
 reference to the one before, no search.
 """
 
@@ -174,7 +175,7 @@ class Generation:
         shape: Shape | None = None,
         recorder: Recorder | None = None,
         settle: Callable[[], Awaitable[None]] | None = None,
-        on_end: Callable[[Generation], None] | None = None,
+        on_end: Callable[[Generation], Awaitable[None]] | None = None,
     ) -> None:
         self.stream_id = writer.stream_id
         self.grace = grace
@@ -310,7 +311,7 @@ class Generation:
         self.duration = time.perf_counter() - self._begun
         if self._on_end is not None:
             try:
-                self._on_end(self)
+                await self._on_end(self)
             except Exception:
                 logger.exception("accounting for %s failed", self.stream_id)
         try:

@@ -24,7 +24,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any
 
 from tokenrelay.errors import StreamNotFound
@@ -93,7 +93,7 @@ class Generations:
         leased: bool = False,
         stream_id: str | None = None,
         holding: Iterable[tuple[str, str]] = (),
-        on_end: Callable[[Generation], None] | None = None,
+        on_end: Callable[[Generation], Awaitable[None]] | None = None,
     ) -> Generation:
         """Open a log and start the answer into it.
 
