@@ -41,6 +41,8 @@ __all__ = [
     "start_tokenrelay",
     "stream_chunks",
     "without_event_ids",
+    "without_usage_chunk",
+    "with_usage_asked",
 ]
 
 _REPO = Path(__file__).resolve().parent.parent
@@ -400,3 +402,17 @@ def pytest_runtest_makereport(
         report.outcome = "failed"
         report.longrepr = f"skipped under CI=true, where every test must run: {report.longrepr}"
     return report
+
+
+def without_usage_chunk(sent: bytes) -> bytes:
+    """An upstream's SSE body minus the usage chunk tokenrelay asked for on behalf of a client
+    that did not (``"choices":[]`` and ``"usage"``): what that client receives."""
+    events = re.split(rb"(?<=\n\n)", sent)
+    return b"".join(e for e in events if not (b'"choices":[]' in e and b'"usage":{' in e))
+
+
+def with_usage_asked(raw: bytes) -> bytes:
+    """A streamed request body as tokenrelay forwards it when the client did not ask for
+    usage: the client's bytes, with ``stream_options.include_usage`` put first."""
+    start = raw.index(b"{") + 1
+    return b'{"stream_options":{"include_usage":true},' + raw[start:]

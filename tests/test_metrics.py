@@ -82,18 +82,20 @@ def test_a_streamed_answer_counts_its_request_usage_and_times(
     assert delta[ACTIVE] == 0
 
 
-def test_a_stream_without_usage_counts_no_tokens(
+def test_a_stream_counts_the_usage_asked_for_its_client(
     relay: Relay, openai_client: openai.OpenAI
 ) -> None:
+    """The client did not ask for usage; the gateway did, and the client never sees it."""
     delta = Delta(relay)
-    list(
+    chunks = list(
         openai_client.chat.completions.create(
             model="fake-model", messages=MESSAGES, stream=True, extra_body={"fake": {"tokens": 3}}
         )
     )
+    assert all(chunk.usage is None for chunk in chunks)
     delta.wait(lambda d: d[f"{DURATION}_count"] == 1, "the answer's end is recorded")
     assert delta[OK_CHAT] == 1
-    assert delta[PROMPT_TOKENS] == delta[COMPLETION_TOKENS] == 0
+    assert delta[PROMPT_TOKENS] == 7 and delta[COMPLETION_TOKENS] == 3
 
 
 def test_a_whole_answer_counts_its_request_usage_and_time(

@@ -5,7 +5,13 @@ from __future__ import annotations
 import httpx
 import openai
 
-from conftest import Relay, data_events, without_event_ids
+from conftest import (
+    Relay,
+    data_events,
+    with_usage_asked,
+    without_event_ids,
+    without_usage_chunk,
+)
 from fake_upstream import FakeUpstream, expected_text
 
 
@@ -70,9 +76,11 @@ def test_stream_bytes_and_request_bytes_pass_untouched(
         received = response.read()
 
     record = fake_upstream.last_request()
-    assert record.body == raw
+    # Every byte as sent, and the usage the client did not ask for asked for (and not shown).
+    assert record.body == with_usage_asked(raw)
     assert record.wait_for_outcome(5) == "completed"
-    assert without_event_ids(received) == bytes(record.sent)
+    assert without_event_ids(received) == without_usage_chunk(bytes(record.sent))
+    assert b'"usage":{' in record.sent and b'"usage":{' not in received
     assert data_events(received)[-1] == "[DONE]"
 
 

@@ -107,7 +107,11 @@ def test_a_wildcard_bind_answers_to_the_address_a_client_used_and_no_other_name(
 ) -> None:
     config = fake_provider_toml(fake_upstream.base_url)
     with start_tokenrelay(
-        tmp_path, config_toml=config, env=NO_LOCAL_MODEL, host="0.0.0.0"
+        tmp_path,
+        config_toml=config,
+        env=NO_LOCAL_MODEL,
+        host="0.0.0.0",
+        args=["--insecure-no-auth"],  # this test is about names, not keys
     ) as relay:
         port = _port(relay)
         # 127.0.0.2 is this machine too (all of 127/8 is loopback): an address it was reached

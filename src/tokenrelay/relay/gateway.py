@@ -140,11 +140,18 @@ class Gateway:
         return Admitted(caller, route, provider, request, headers, strip, charged, charged)
 
     def _asking_usage(self, request: ProviderRequest) -> tuple[ProviderRequest, bool]:
-        """``request`` asking for usage in its stream, and whether its client did not."""
+        """``request`` asking for usage in its stream, and whether its client did not.
+
+        The client's bytes are kept as they are, with the option put first: an upstream gets
+        every field as the client wrote it, and nothing is serialised again.
+        """
         options = request.body.get("stream_options")
-        if options is None:
-            options = {}
-        elif not isinstance(options, dict) or options.get("include_usage") is True:
+        if options is None and "stream_options" not in request.body:
+            body = {**request.body, "stream_options": {"include_usage": True}}
+            start = request.raw.index(b"{") + 1  # a JSON object, as the route checked
+            raw = b'{"stream_options":{"include_usage":true},' + request.raw[start:]
+            return ProviderRequest(request.endpoint, request.model, body, raw), True
+        if not isinstance(options, dict) or options.get("include_usage") is True:
             return request, False  # asked already (or not ours to fix: the upstream says why)
         body = {**request.body, "stream_options": {**options, "include_usage": True}}
         return ProviderRequest(request.endpoint, request.model, body, orjson.dumps(body)), True
