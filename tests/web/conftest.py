@@ -100,7 +100,8 @@ def _context(browser: Browser, **options: Any) -> Iterator[BrowserContext]:
 
 @pytest.fixture
 def context(browser: Browser) -> Iterator[BrowserContext]:
-    with _context(browser, viewport=DESKTOP) as context:
+    # en-US: the pages format numbers for the reader's locale; the tests read them back.
+    with _context(browser, viewport=DESKTOP, locale="en-US") as context:
         yield context
 
 
@@ -113,7 +114,8 @@ def phone(browser: Browser) -> Iterator[BrowserContext]:
 
 
 @pytest.fixture
-def page(context: BrowserContext, page_relay: Relay) -> Iterator[Page]:
+def page(context: BrowserContext) -> Iterator[Page]:
+    """A tab that fails the test if the page throws; load it from any server's ``url``."""
     page = context.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda error: errors.append(str(error)))

@@ -1,44 +1,9 @@
 // The HTTP API the page talks to: models, conversations and the answers' event streams.
 // Every path is relative, so the page keeps working when the app is mounted under a prefix.
 
-/** A failed request, carrying the message of OpenAI's error shape when the server sent one. */
-export class ApiError extends Error {
-  constructor(message, status) {
-    super(message);
-    this.name = "ApiError";
-    this.status = status;
-  }
-}
+import { openEventStream, request } from "./http.js";
 
-async function errorFrom(response) {
-  let message = `${response.status} ${response.statusText}`.trim();
-  try {
-    const body = await response.json();
-    if (body && body.error && typeof body.error.message === "string") message = body.error.message;
-    else if (body && typeof body.detail === "string") message = body.detail;
-  } catch {
-    // Not JSON (a proxy's HTML page, say): the status line is the best we have.
-  }
-  return new ApiError(message, response.status);
-}
-
-async function request(method, path, body, signal) {
-  const init = { method, headers: { Accept: "application/json" }, signal };
-  if (body !== undefined) {
-    init.headers["Content-Type"] = "application/json";
-    init.body = JSON.stringify(body);
-  }
-  let response;
-  try {
-    response = await fetch(path, init);
-  } catch (error) {
-    if (error.name === "AbortError") throw error;
-    throw new ApiError("Cannot reach the server.", 0);
-  }
-  if (!response.ok) throw await errorFrom(response);
-  if (response.status === 204) return null;
-  return response.json();
-}
+export { ApiError } from "./http.js";
 
 const conversation = (id) => `api/conversations/${encodeURIComponent(id)}`;
 
@@ -54,20 +19,6 @@ export const getConversation = (id, signal) => request("GET", conversation(id), 
 export const renameConversation = (id, title) => request("PATCH", conversation(id), { title });
 export const deleteConversation = (id) => request("DELETE", conversation(id));
 export const stopGeneration = (id) => request("POST", `${conversation(id)}/stop`, {});
-
-/** Open an event stream: the Response once the server answered 2xx, or an ApiError. */
-async function openEventStream(path, init) {
-  let response;
-  try {
-    // no-store: a resumed read must come from the server, never from a cache.
-    response = await fetch(path, { ...init, cache: "no-store" });
-  } catch (error) {
-    if (error.name === "AbortError") throw error;
-    throw new ApiError("Cannot reach the server.", 0);
-  }
-  if (!response.ok) throw await errorFrom(response);
-  return response;
-}
 
 /**
  * Start an answer: `kind` is "messages" (send `content`) or "regenerate". The response's

@@ -3,6 +3,8 @@
 
 import { ConnectionLost, followAnswer } from "./answers.js";
 import * as api from "./api.js";
+import { ApiKey } from "./apikey.js";
+import { useKey } from "./http.js";
 import { renderMarkdown } from "./markdown.js";
 
 const $ = (selector) => document.querySelector(selector);
@@ -26,7 +28,17 @@ const ui = {
   send: $("#send"),
   stop: $("#stop"),
   toast: $("#toast"),
+  forgetKey: $("#forget-key"),
 };
+
+// A gateway key for the chat; the usage page keeps the admin key apart (usage.js), so the
+// most powerful key is never sent with chat requests.
+const key = new ApiKey("tokenrelay.key", {
+  title: "This server needs a key",
+  label: "API key",
+  intro: "Enter your API key (tr-…). The server’s admin makes one with “tokenrelay keys create”.",
+});
+useKey(key);
 
 const STATUS_TEXT = {
   stopped: "Stopped",
@@ -764,6 +776,15 @@ ui.menu.addEventListener("click", () =>
 );
 ui.backdrop.addEventListener("click", closeSidebar);
 
+function showKeyButton() {
+  ui.forgetKey.hidden = key.secret === null;
+}
+key.addEventListener("change", showKeyButton);
+ui.forgetKey.addEventListener("click", () => {
+  key.forget();
+  location.reload(); // nothing loaded with the key stays on screen
+});
+
 let toastTimer = 0;
 function showToast(message) {
   ui.toast.textContent = message;
@@ -785,6 +806,7 @@ document.querySelector("#suggestions")?.addEventListener("click", (event) => {
 
 // -- start -----------------------------------------------------------------------------------
 
+showKeyButton();
 await Promise.all([loadModels(), loadConversations()]);
 route();
 if (!routeId()) showNewChat();
