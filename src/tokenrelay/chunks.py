@@ -15,6 +15,7 @@ import orjson
 __all__ = [
     "ChunkSummary",
     "StreamError",
+    "ends_with_error",
     "Usage",
     "is_usage_only",
     "iter_data",
@@ -144,3 +145,14 @@ def is_usage_only(event: bytes) -> bool:
     return bool(chunks) and all(
         c.get("choices") == [] and isinstance(c.get("usage"), dict) for c in chunks
     )
+
+
+def ends_with_error(last_chunk: bytes) -> bool:
+    """Whether a stream's last chunk is an in-band error event (``data: {"error": ...}``): the
+    relay forwards such an event without parsing it, so its outcome is read here, once."""
+    if b'"error"' not in last_chunk:
+        return False
+    try:
+        return any("error" in data for data in iter_data(last_chunk))
+    except ValueError:
+        return False

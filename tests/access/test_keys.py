@@ -59,7 +59,7 @@ def test_no_key_or_a_wrong_one_is_401_in_openais_shape(keyed: Relay) -> None:
 
 
 def test_pages_and_health_checks_need_no_key(keyed: Relay) -> None:
-    for path in ("/", "/healthz", "/readyz", "/openapi.json"):
+    for path in ("/", "/usage", "/healthz", "/readyz", "/openapi.json"):
         response = httpx.get(f"{keyed.url}{path}", timeout=10)
         assert response.status_code == 200, (path, response.text)
 

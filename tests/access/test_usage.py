@@ -120,8 +120,10 @@ def test_whole_errors_and_refusals_each_have_a_row(keyed: Relay) -> None:
     )
     failing = {**CHAT, "fake": {"status": 500}}
     assert httpx.post(f"{keyed.v1}/chat/completions", json=failing, headers=ADMIN).status_code
+    in_band = {**CHAT, "stream": True, "fake": {"tokens": 10, "error_after": 2}}
+    httpx.post(f"{keyed.v1}/chat/completions", json=in_band, headers=ADMIN).read()
     rows = _rows(keyed)
-    assert [r["status"] for r in rows] == ["complete", "rate_limited", "error"]
+    assert [r["status"] for r in rows] == ["complete", "rate_limited", "error", "error"]
     assert (rows[0]["prompt_tokens"], rows[0]["completion_tokens"]) == (2, 5)
     assert rows[0]["ttft_ms"] == rows[0]["duration_ms"]
     assert rows[2]["key_id"] is None  # the admin is no key's holder

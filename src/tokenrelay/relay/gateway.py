@@ -31,7 +31,13 @@ from tokenrelay import metrics
 from tokenrelay.access.keys import Caller
 from tokenrelay.access.limits import Limiter
 from tokenrelay.access.usage import UsageLedger
-from tokenrelay.chunks import Usage, is_usage_only, usage_in_answer, usage_in_stream
+from tokenrelay.chunks import (
+    Usage,
+    ends_with_error,
+    is_usage_only,
+    usage_in_answer,
+    usage_in_stream,
+)
 from tokenrelay.errors import ModelNotAllowed, RateLimited
 from tokenrelay.providers.base import Provider, ProviderRequest
 from tokenrelay.providers.registry import ProviderRegistry
@@ -211,6 +217,8 @@ class Gateway:
             first = generation.time_to_first_chunk
             metrics.answer_ended(generation.duration, first, usage, streamed=True)
             status = str(generation.status)
+            if status == "complete" and ends_with_error(generation.last_chunks[1]):
+                status = "error"  # relayed in-band, unparsed, by the hot path
             await self._settle(
                 admitted,
                 usage,
