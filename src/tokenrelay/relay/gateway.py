@@ -229,7 +229,6 @@ class Gateway:
                 entries=generation.entries,
             )
 
-        metrics.stream_started()
         admitted.began = time.perf_counter()
         generation = await self.generations.begin(
             lambda: opener(admitted.provider, admitted.request),
@@ -241,6 +240,7 @@ class Gateway:
             holding=holding,
             on_end=ended,
         )
+        metrics.stream_started()  # before ``ended`` can run: the answer's task has not yet
         key = admitted.caller.key
         if key is not None and (key.tpm or key.tokens_per_day) and self.limiter is not None:
             self._metered[generation] = admitted

@@ -20,8 +20,8 @@ API's events translated from them).
 What the answer cost is the gateway's business (``relay/gateway.py``): a generation only
 notes when its first chunk came, keeps its last two chunks (where OpenAI-compatible streams
 report usage) and awaits ``on_end`` once, before its log ends: a reader who sees the end finds
-the answer accounted for. Per chunk, that costs keeping a
-reference to the one before, no search.
+the answer accounted for. Per chunk, that costs keeping a reference to the one before, no
+search.
 """
 
 from __future__ import annotations
@@ -188,7 +188,7 @@ class Generation:
         self._settle = settle
         self._on_end = on_end
         self.client_left = False
-        """No reader was left when the answer ended (or was cut short for that reason)."""
+        """The last reader had left when the answer ended (or it was cut short for that)."""
         self.time_to_first_chunk: float | None = None
         self.duration = 0.0
         self.last_chunks: tuple[bytes, bytes] = (b"", b"")
@@ -229,7 +229,7 @@ class Generation:
         self._started = True
         writer, shape, recorder = self._writer, self._shape, self._recorder
         tail: list[bytes] = []
-        before = last = b""  # the answer's last two chunks, where its usage is (``metrics``)
+        before = last = b""  # the answer's last two chunks, where its usage is
         try:
             if self._cancelled:  # cancelled before this task first ran
                 raise asyncio.CancelledError
