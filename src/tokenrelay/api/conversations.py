@@ -110,6 +110,13 @@ def _chat(request: Request) -> ChatService:
     return chat
 
 
+async def _owned(request: Request, conversation_id: str) -> ChatService:
+    """The chat service, once the caller is known to own the conversation (404 otherwise)."""
+    chat = _chat(request)
+    await chat.store.require_owner(conversation_id, caller_of(request).key_id)
+    return chat
+
+
 def _conversation(record: ConversationRecord) -> ConversationOut:
     return ConversationOut.model_validate(record, from_attributes=True)
 
@@ -121,10 +128,13 @@ async def create_conversation(request: Request) -> ConversationOut:
     """Start a conversation, optionally with a title, a model and a system prompt."""
     new, _, _ = await read_body(request, NewConversation)
     chat = _chat(request)
+    caller = caller_of(request)
     if new.model is not None:
-        chat.registry.resolve(new.model)
+        chat.gateway.provider_for(caller, new.model)  # 404, or 403 for a key's other models
     return _conversation(
-        await chat.store.create_conversation(title=new.title, model=new.model, system=new.system)
+        await chat.store.create_conversation(
+            title=new.title, model=new.model, system=new.system, owner=caller.key_id
+        )
     )
 
 
@@ -135,7 +145,9 @@ async def list_conversations(
     after: Annotated[str | None, Query(description="A `next_cursor` from the page before.")] = None,
 ) -> ConversationList:
     """Conversations, most recently active first."""
-    page = await _chat(request).store.list_conversations(limit=limit, after=after)
+    page = await _chat(request).store.list_conversations(
+        limit=limit, after=after, owner=caller_of(request).key_id
+    )
     return ConversationList(
         data=[_conversation(c) for c in page.conversations],
         has_more=page.next_cursor is not None,
@@ -146,7 +158,7 @@ async def list_conversations(
 @router.get("/{conversation_id}", response_model=ConversationWithMessages)
 async def get_conversation(request: Request, conversation_id: str) -> ConversationWithMessages:
     """A conversation with all its messages, oldest first."""
-    chat = _chat(request)
+    chat = await _owned(request, conversation_id)
     detail = await chat.store.get_conversation(conversation_id)
     return ConversationWithMessages(
         **_conversation(detail).model_dump(),
@@ -159,14 +171,14 @@ async def get_conversation(request: Request, conversation_id: str) -> Conversati
 async def rename_conversation(request: Request, conversation_id: str) -> ConversationOut:
     """Rename a conversation."""
     rename, _, _ = await read_body(request, Rename)
-    store = _chat(request).store
+    store = (await _owned(request, conversation_id)).store
     return _conversation(await store.rename_conversation(conversation_id, rename.title))
 
 
 @router.delete("/{conversation_id}", status_code=204, response_class=Response)
 async def delete_conversation(request: Request, conversation_id: str) -> Response:
     """Delete a conversation and its messages (a running answer is stopped first)."""
-    await _chat(request).delete(conversation_id)
+    await (await _owned(request, conversation_id)).delete(conversation_id)
     return Response(status_code=204)
 
 
@@ -174,7 +186,8 @@ async def delete_conversation(request: Request, conversation_id: str) -> Respons
 async def send_message(request: Request, conversation_id: str) -> Response:
     """Add the user's message and stream the assistant's answer, which is saved as it grows."""
     new, _, _ = await read_body(request, NewMessage)
-    turn = await _chat(request).send(conversation_id, new.content, new.model, caller_of(request))
+    chat = await _owned(request, conversation_id)
+    turn = await chat.send(conversation_id, new.content, new.model, caller_of(request))
     return await _answer_stream(request, turn)
 
 
@@ -183,7 +196,8 @@ async def regenerate(request: Request, conversation_id: str) -> Response:
     """Answer the last question again, replacing the previous answer."""
     # The body is optional here: an empty POST regenerates with the conversation's model.
     options = (await read_body(request, Regenerate))[0] if await request.body() else Regenerate()
-    turn = await _chat(request).regenerate(conversation_id, options.model, caller_of(request))
+    chat = await _owned(request, conversation_id)
+    turn = await chat.regenerate(conversation_id, options.model, caller_of(request))
     return await _answer_stream(request, turn)
 
 
@@ -204,8 +218,7 @@ async def _answer_stream(request: Request, turn: ChatTurn) -> Response:
 @router.post("/{conversation_id}/stop")
 async def stop(request: Request, conversation_id: str) -> dict[str, bool]:
     """Stop the answer being written; what was written so far is kept, marked `stopped`."""
-    chat = _chat(request)
-    await chat.store.get_conversation(conversation_id)  # 404 for an unknown id
+    chat = await _owned(request, conversation_id)  # 404 for an unknown id, or another's
     return {"stopped": await chat.stop(conversation_id)}
 
 

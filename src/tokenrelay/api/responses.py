@@ -40,12 +40,14 @@ def _service(request: Request) -> ResponseService:
     return service
 
 
-def _id_checked(response_id: str) -> str:
-    """Ids are ours (``resp_`` and 16 letters or digits); anything else is simply not found."""
+async def _owned(request: Request, response_id: str) -> str:
+    """``response_id``, once known to be ours (``resp_`` and 16 letters or digits) and the
+    caller's: anything else, another key's response included, is simply not found."""
     if not (
         response_id.startswith("resp_") and response_id[5:].isalnum() and len(response_id) < 64
     ):
         raise ResponseNotFound(response_id[:64])
+    await _service(request).require_owner(response_id, caller_of(request))
     return response_id
 
 
@@ -97,7 +99,7 @@ async def get_response(
     starting_after: Annotated[int | None, Query(ge=-1, le=10**9)] = None,
 ) -> Response:
     """Retrieve a response; with `stream=true`, its events after `starting_after`, then live."""
-    _id_checked(response_id)
+    await _owned(request, response_id)
     service = _service(request)
     if not stream:
         return JSONResponse(await service.get(response_id))
@@ -123,13 +125,13 @@ async def get_response(
 @router.post("/{response_id}/cancel")
 async def cancel_response(request: Request, response_id: str) -> dict[str, Any]:
     """Cancel a background response; it ends `cancelled`, with the output written so far."""
-    return await _service(request).cancel(_id_checked(response_id))
+    return await _service(request).cancel(await _owned(request, response_id))
 
 
 @router.delete("/{response_id}")
 async def delete_response(request: Request, response_id: str) -> dict[str, Any]:
     """Delete a stored response and its input items."""
-    return await _service(request).delete(_id_checked(response_id))
+    return await _service(request).delete(await _owned(request, response_id))
 
 
 @router.get("/{response_id}/input_items")
@@ -142,7 +144,7 @@ async def list_input_items(
 ) -> dict[str, Any]:
     """The items a response was given as input (`input_items.list`)."""
     page = await _service(request).store.list_input_items(
-        _id_checked(response_id), after=after, limit=limit, order=order
+        await _owned(request, response_id), after=after, limit=limit, order=order
     )
     return {
         "object": "list",

@@ -159,6 +159,7 @@ class ResponseService:
         self.generations = gateway.generations
         self._ttl = timedelta(days=ttl_days)
         self._streams: dict[str, ResponseStream] = {}  # running here, by response id
+        self._owners: dict[str, str | None] = {}  # theirs, for the unstored ones among them
         self._sweeper: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -194,6 +195,9 @@ class ResponseService:
         provider = self.gateway.provider_for(caller, request.model)
         history: list[Any] = []
         if request.previous_response_id is not None:
+            await self.store.require_owner(
+                request.previous_response_id, caller.key_id, param="previous_response_id"
+            )
             turns = await self.store.chain(request.previous_response_id)
             _refuse_running(turns)
             history = chain_items((turn.input_items, turn.response.output) for turn in turns)
@@ -219,6 +223,7 @@ class ResponseService:
                 status=ResponseStatus.QUEUED if background else ResponseStatus.IN_PROGRESS,
                 background=background,
                 previous_response_id=request.previous_response_id,
+                owner=caller.key_id,
             )
         if not streamed:
             whole = await self._whole(admitted, translation, response_id, store=store)
@@ -236,7 +241,13 @@ class ResponseService:
             stream_id=response_id,
         )
         self._streams[response_id] = stream
-        generation.task.add_done_callback(lambda _: self._streams.pop(response_id, None))
+        self._owners[response_id] = caller.key_id
+
+        def ended(_: object) -> None:
+            self._streams.pop(response_id, None)
+            self._owners.pop(response_id, None)
+
+        generation.task.add_done_callback(ended)
         return StartedResponse(
             stream.response(), generation, stream=bool(request.stream), headers=admitted.headers
         )
@@ -274,6 +285,14 @@ class ResponseService:
                 completed_at=_utc(response.get("completed_at")),
             )
         return response
+
+    async def require_owner(self, response_id: str, caller: Caller) -> None:
+        """404 unless ``caller`` made the response (one running here unstored included)."""
+        if response_id in self._owners:
+            if self._owners[response_id] != caller.key_id:
+                raise ResponseNotFound(response_id)
+            return
+        await self.store.require_owner(response_id, caller.key_id)
 
     async def get(self, response_id: str) -> dict[str, Any]:
         """The Response now: live from its stream if it runs here, else as stored."""

@@ -107,6 +107,10 @@ class MessageRecord:
     stream_id: str | None = None
 
 
+def _owned_by(owner: str | None) -> sa.ColumnElement[bool]:
+    return Conversation.owner.is_(None) if owner is None else Conversation.owner == owner
+
+
 class ConversationStore:
     """Create, list, read, rename and delete conversations; add, update and delete messages.
 
@@ -119,7 +123,12 @@ class ConversationStore:
         self._sessions: async_sessionmaker[AsyncSession] = database.sessions
 
     async def create_conversation(
-        self, *, title: str | None = None, model: str | None = None, system: str | None = None
+        self,
+        *,
+        title: str | None = None,
+        model: str | None = None,
+        system: str | None = None,
+        owner: str | None = None,
     ) -> ConversationRecord:
         now = utcnow()
         row = Conversation(
@@ -129,15 +138,17 @@ class ConversationStore:
             system=system,
             created_at=now,
             updated_at=now,
+            owner=owner,
         )
         async with self._sessions.begin() as session:
             session.add(row)
         return _conversation(row)
 
     async def list_conversations(
-        self, *, limit: int = 20, after: str | None = None
+        self, *, limit: int = 20, after: str | None = None, owner: str | None = None
     ) -> ConversationPage:
-        """Conversations by ``updated_at``, newest first; ``after`` is a page's ``next_cursor``.
+        """``owner``'s conversations by ``updated_at``, newest first; ``after`` is a page's
+        ``next_cursor``. The owner None is the admin's and the local user's.
 
         The cursor holds the last row's sort key rather than an offset, so a conversation that
         moves to the top between two pages neither repeats nor hides another one.
@@ -146,6 +157,7 @@ class ConversationStore:
             raise ValueError("limit must be at least 1")
         query = (
             sa.select(Conversation)
+            .where(_owned_by(owner))
             .order_by(Conversation.updated_at.desc(), Conversation.id.desc())
             .limit(limit + 1)
         )
@@ -157,6 +169,16 @@ class ConversationStore:
         page = tuple(_conversation(row) for row in rows[:limit])
         next_cursor = _encode_cursor(page[-1]) if len(rows) > limit else None
         return ConversationPage(conversations=page, next_cursor=next_cursor)
+
+    async def require_owner(self, conversation_id: str, owner: str | None) -> None:
+        """Raise ``ConversationNotFound`` unless ``owner`` owns the conversation: another
+        key's conversation is not there for this caller, not even as a 403."""
+        query = sa.select(Conversation.id).where(
+            Conversation.id == conversation_id, _owned_by(owner)
+        )
+        async with self._sessions() as session:
+            if await session.scalar(query) is None:
+                raise ConversationNotFound(conversation_id)
 
     async def get_conversation(self, conversation_id: str) -> ConversationDetail:
         async with self._sessions() as session:

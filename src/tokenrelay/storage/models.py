@@ -174,6 +174,8 @@ class Conversation(Base):
     system: Mapped[str | None] = mapped_column(StorableText)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    owner: Mapped[str | None] = mapped_column(sa.String(32), index=True)
+    """The id of the gateway key that made it; None for the admin and the local user."""
 
     # lazy="raise": under asyncio an implicit load would fail obscurely; load messages explicitly.
     messages: Mapped[list[Message]] = relationship(
@@ -253,6 +255,8 @@ class StoredResponse(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    owner: Mapped[str | None] = mapped_column(sa.String(32), index=True)
+    """The id of the gateway key that made it; None for the admin and the local user."""
 
 
 class ResponseInputItem(Base):

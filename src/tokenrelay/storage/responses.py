@@ -107,6 +107,7 @@ class ResponseStore:
         background: bool = False,
         previous_response_id: str | None = None,
         created_at: datetime | None = None,
+        owner: str | None = None,
     ) -> ResponseRecord:
         """Store a new response and its input items (each needs an ``id``), with no output yet."""
         now = created_at or utcnow()
@@ -124,6 +125,7 @@ class ResponseStore:
             created_at=now,
             updated_at=now,
             completed_at=None,
+            owner=owner,
         )
         items = [
             {"response_id": row.id, "position": position, "item_id": item["id"], "item": item}
@@ -135,6 +137,17 @@ class ResponseStore:
             if items:
                 await session.execute(sa.insert(ResponseInputItem), items)
         return _record(row)
+
+    async def require_owner(
+        self, response_id: str, owner: str | None, *, param: str | None = None
+    ) -> None:
+        """Raise ``ResponseNotFound`` unless ``owner`` (a key's id; None for the admin and the
+        local user) made the response: another key's response is not there for this caller."""
+        owned = StoredResponse.owner.is_(None) if owner is None else StoredResponse.owner == owner
+        query = sa.select(StoredResponse.id).where(StoredResponse.id == response_id, owned)
+        async with self._sessions() as session:
+            if await session.scalar(query) is None:
+                raise ResponseNotFound(response_id, param=param)
 
     async def get(self, response_id: str) -> ResponseRecord:
         async with self._sessions() as session:
