@@ -148,6 +148,7 @@ def _figures() -> list[sa.Label[Any]]:
         sa.func.count().filter(UsageRecord.status == "rate_limited").label("rate_limited"),
         sa.func.count().filter(UsageRecord.client_left.is_(True)).label("client_left"),
         sa.func.avg(UsageRecord.ttft_ms).label("ttft_ms_avg"),
+        sa.func.count(UsageRecord.ttft_ms).label("ttft_count"),
         sa.func.avg(UsageRecord.duration_ms).label("duration_ms_avg"),
     ]
 
@@ -162,5 +163,6 @@ def _numbers(row: Any) -> dict[str, Any]:
         "rate_limited": int(row["rate_limited"]),
         "client_left": int(row["client_left"]),
         "ttft_ms_avg": round(float(ttft), 1) if ttft is not None else None,
+        "ttft_count": int(row["ttft_count"]),  # what ``ttft_ms_avg`` averages: to combine lines
         "duration_ms_avg": round(float(duration), 1) if duration is not None else None,
     }

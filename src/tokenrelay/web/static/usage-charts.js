@@ -12,7 +12,7 @@ const WHOLE_STEPS = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9].flatMap((power) => [1, 2, 5].
 
 /**
  * What each chart draws: a line per group for each of its figures. `average` figures are
- * averages per row, combined weighted by requests; the rest are sums. A dashed figure shares
+ * averages per row, combined weighted by what each averages (`weight`); the rest are sums. A dashed figure shares
  * its group's colour.
  */
 export const CHARTS = {
@@ -25,7 +25,7 @@ export const CHARTS = {
     { field: "errors", name: "errors" },
     { field: "rate_limited", name: "rate limited", dash: [6, 4] },
   ],
-  ttft: [{ field: "ttft_ms_avg", average: true, unit: " ms" }],
+  ttft: [{ field: "ttft_ms_avg", average: true, weight: "ttft_count", unit: " ms" }],
 };
 
 /** Every bucket's start (Unix seconds) from `since` to `until`: the API lists only busy ones. */
@@ -76,9 +76,9 @@ function line(rows, figure, index) {
     if (at === undefined) continue;
     if (!figure.average) totals[at] += row[figure.field];
     else if (row[figure.field] !== null) {
-      // Rows of one group for other keys or models: an average weighted by their requests.
-      totals[at] += row[figure.field] * row.requests;
-      weights[at] += row.requests;
+      // Rows of one group for other keys or models: an average weighted by what each averages.
+      totals[at] += row[figure.field] * row[figure.weight];
+      weights[at] += row[figure.weight];
     }
   }
   if (!figure.average) return totals;
