@@ -267,22 +267,25 @@ class ChatService:
         """
         model = admitted.request.model
         stream_id = new_stream_id()
-        answer = await self.store.add_message(
-            conversation.id,
-            MessageRole.ASSISTANT,
-            status=MessageStatus.STREAMING,
-            model=model,
-            stream_id=stream_id,
-        )
         assert claim.token is not None
-        generation = await self.gateway.stream(
-            admitted,
-            grace=self._grace,
-            recorder=MessageRecorder(self.store, answer.id, flush_interval=self._flush_interval),
-            leased=True,
-            stream_id=stream_id,
-            holding=[(f"busy:{conversation.id}", claim.token)],
-        )
+        async with self.generations.lease(stream_id):  # owned before it is stored as running
+            answer = await self.store.add_message(
+                conversation.id,
+                MessageRole.ASSISTANT,
+                status=MessageStatus.STREAMING,
+                model=model,
+                stream_id=stream_id,
+            )
+            generation = await self.gateway.stream(
+                admitted,
+                grace=self._grace,
+                recorder=MessageRecorder(
+                    self.store, answer.id, flush_interval=self._flush_interval
+                ),
+                leased=True,
+                stream_id=stream_id,
+                holding=[(f"busy:{conversation.id}", claim.token)],
+            )
         self._running[conversation.id] = claim.generation = generation
         generation.task.add_done_callback(lambda _: self._ended(conversation.id, generation))
         if claim.stop:  # a Stop came while the question was being stored

@@ -24,7 +24,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
 from typing import Any
 
 from tokenrelay.errors import StreamNotFound
@@ -106,8 +106,9 @@ class Generations:
         keys = list(holding)
         if leased:
             key = answer_lease(stream_id)
-            await self.state.claim(key, self.owner, self.lease_seconds)
-            self._held[key] = self.owner
+            if key not in self._held:  # taken already by ``lease``, before the answer was stored
+                await self.state.claim(key, self.owner, self.lease_seconds)
+                self._held[key] = self.owner
             keys.append((key, self.owner))
         generation = Generation(
             open_stream,
@@ -159,6 +160,20 @@ class Generations:
             return None
         self._held[key] = token
         return token
+
+    @contextlib.asynccontextmanager
+    async def lease(self, stream_id: str) -> AsyncIterator[None]:
+        """Hold the owner lease of an answer *before* it is stored as running, so no process
+        sweeping for dead answers ever sees it running and unowned; released again if the
+        block fails (the answer was never started), else ``begin(leased=True)`` takes it on."""
+        key = answer_lease(stream_id)
+        await self.state.claim(key, self.owner, self.lease_seconds)
+        self._held[key] = self.owner
+        try:
+            yield
+        except BaseException:
+            await self.release(key, self.owner)
+            raise
 
     async def release(self, key: str, token: str) -> None:
         if self._held.get(key) == token:

@@ -214,32 +214,39 @@ class ResponseService:
             body_out["stream_options"] = {"include_usage": True}
         chat = ProviderRequest("chat/completions", request.model, body_out, orjson.dumps(body_out))
         admitted = await self.gateway.admit(caller, "responses", chat)
-        if store:
-            await self.store.create(
-                response_id=response_id,
-                model=request.model,
-                fields=translation.fields,
-                input_items=translation.input_items,
-                status=ResponseStatus.QUEUED if background else ResponseStatus.IN_PROGRESS,
-                background=background,
-                previous_response_id=request.previous_response_id,
-                owner=caller.key_id,
-            )
+        stored = partial(
+            self.store.create,
+            response_id=response_id,
+            model=request.model,
+            fields=translation.fields,
+            input_items=translation.input_items,
+            status=ResponseStatus.QUEUED if background else ResponseStatus.IN_PROGRESS,
+            background=background,
+            previous_response_id=request.previous_response_id,
+            owner=caller.key_id,
+        )
         if not streamed:
+            if store:
+                await stored()
             whole = await self._whole(admitted, translation, response_id, store=store)
             return StartedResponse(whole, headers=admitted.headers)
         stream = ResponseStream(
             response_id, fields=translation.fields, tool_names=translation.tool_names
         )
-        generation = await self.gateway.stream(
-            admitted,
-            opener=partial(_open_renamed, translation),
-            grace=math.inf if background else 0.0,
-            shape=_ResponseEvents(stream, queued=background),
-            recorder=_StoredResponse(self.store, stream, queued=background) if store else None,
-            leased=store,
-            stream_id=response_id,
-        )
+        # Owned before it is stored as running: no replica's sweep may take it for a dead one's.
+        lease = self.generations.lease(response_id) if store else contextlib.nullcontext()
+        async with lease:
+            if store:
+                await stored()
+            generation = await self.gateway.stream(
+                admitted,
+                opener=partial(_open_renamed, translation),
+                grace=math.inf if background else 0.0,
+                shape=_ResponseEvents(stream, queued=background),
+                recorder=_StoredResponse(self.store, stream, queued=background) if store else None,
+                leased=store,
+                stream_id=response_id,
+            )
         self._streams[response_id] = stream
         self._owners[response_id] = caller.key_id
 
