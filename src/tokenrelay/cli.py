@@ -157,15 +157,23 @@ def _metrics_dir(workers: int) -> Iterator[None]:
     envvar="TOKENRELAY_URL",
     help="A running tokenrelay (e.g. http://127.0.0.1:8000); without it, answer in-process.",
 )
+@click.option(
+    "--api-key",
+    default=None,
+    envvar="TOKENRELAY_API_KEY",
+    help="A gateway key for --url, when the server requires one (best from the environment).",
+)
 @click.option("--max-tokens", type=click.IntRange(min=1), help="Stop the answer after N tokens.")
-def ask(prompt: str, model: str | None, url: str | None, max_tokens: int | None) -> None:
+def ask(
+    prompt: str, model: str | None, url: str | None, api_key: str | None, max_tokens: int | None
+) -> None:
     """Ask once and print the answer as it streams, e.g. tokenrelay ask "Hyperf 是什么?"."""
     import aiohttp
 
     body = {"messages": [{"role": "user", "content": prompt}], "stream": True}
     if max_tokens is not None:
         body["max_tokens"] = max_tokens
-    events = _ask_server(url, body, model) if url else _ask_in_process(body, model)
+    events = _ask_server(url, body, model, api_key) if url else _ask_in_process(body, model)
     try:
         _run(_print_stream(events))
     except (aiohttp.ClientError, TimeoutError):
@@ -192,12 +200,17 @@ async def _print_stream(events: AsyncIterator[bytes]) -> None:
     sys.stdout.write("\n")
 
 
-async def _ask_server(url: str, body: dict[str, Any], model: str | None) -> AsyncIterator[bytes]:
+async def _ask_server(
+    url: str, body: dict[str, Any], model: str | None, api_key: str | None
+) -> AsyncIterator[bytes]:
     import aiohttp
 
-    async with aiohttp.ClientSession(base_url=url.rstrip("/") + "/") as session:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    async with aiohttp.ClientSession(base_url=url.rstrip("/") + "/", headers=headers) as session:
         if model is None:
             async with session.get("v1/models") as resp:
+                if resp.status != 200:
+                    raise StreamError(await _error_of(resp, url))
                 model = (await resp.json())["data"][0]["id"]
         async with session.post(
             "v1/chat/completions",
@@ -205,13 +218,18 @@ async def _ask_server(url: str, body: dict[str, Any], model: str | None) -> Asyn
             headers={"Content-Type": "application/json"},
         ) as resp:
             if resp.status != 200:
-                try:
-                    error = (await resp.json(content_type=None))["error"]
-                except (ValueError, KeyError, TypeError):  # not tokenrelay's JSON (a proxy's page?)
-                    error = {"message": f"{url} answered HTTP {resp.status}."}
-                raise StreamError(error)
+                raise StreamError(await _error_of(resp, url))
             async for line in resp.content:
                 yield line
+
+
+async def _error_of(resp: Any, url: str) -> dict[str, Any]:
+    """The OpenAI-shaped error a server answered (or what to say when it was not one)."""
+    try:
+        error: dict[str, Any] = (await resp.json(content_type=None))["error"]
+        return error
+    except (ValueError, KeyError, TypeError):  # not tokenrelay's JSON (a proxy's page?)
+        return {"message": f"{url} answered HTTP {resp.status}."}
 
 
 async def _ask_in_process(body: dict[str, Any], model: str | None) -> AsyncIterator[bytes]:

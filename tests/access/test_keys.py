@@ -277,3 +277,23 @@ def test_serve_on_an_open_address_with_a_key_requires_it(
 
         eventually(refused, within=15, what="the revoked key is refused")
         assert_openai_error(httpx.get(f"{relay.v1}/models"), 401)
+
+
+def test_cli_ask_through_a_server_that_requires_a_key(keyed: Relay, tmp_path: Path) -> None:
+    secret = make_key(keyed, "terminal")
+    database = database_url(keyed)
+    refused = cli("ask", "--url", keyed.url, "Hi", database=database, cwd=tmp_path)
+    assert refused.returncode == 1 and "API key" in refused.stderr, refused.stderr
+    answered = cli(
+        "ask",
+        "--url",
+        keyed.url,
+        "-m",
+        "fake-model",
+        "Hi",
+        database=database,
+        cwd=tmp_path,
+        TOKENRELAY_API_KEY=secret,
+    )
+    assert answered.returncode == 0, answered.stderr
+    assert answered.stdout.strip() == expected_text(5).strip()
