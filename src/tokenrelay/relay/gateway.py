@@ -9,11 +9,12 @@ a ``Generation``; both account for it when it ends: metrics, the usage ledger (o
 a client that left included) and the tokens the key's windows are charged.
 
 A stream's usage is what the provider reports in its last chunk. A client that did not ask for
-that chunk (``stream_options.include_usage``) gets it asked for anyway, and stripped from what it
-reads, so every streamed call is accounted for; the stripping costs two searches per event, and
-only such clients pay it. Tokens of a running stream are charged to its key's windows once a
-second, counted as log entries (about one per token), and settled with the reported usage at the
-end: a long answer counts against its key while it runs, and nothing is done per chunk.
+that chunk (``stream_options.include_usage``) gets it asked for anyway when usage is accounted
+(or its key is limited), and stripped from what it reads (``WithoutUsage``: one more search per
+chunk, a parse only of a chunk holding ``[]``), so every such stream is accounted for. Tokens
+of a running stream are charged to its key's windows once a second, counted as log entries
+(about one per token), and settled with the reported usage at the end: a long answer counts
+against its key while it runs, and nothing is done per chunk.
 """
 
 from __future__ import annotations
@@ -34,19 +35,18 @@ from tokenrelay.access.usage import UsageLedger
 from tokenrelay.chunks import (
     Usage,
     ends_with_error,
-    is_usage_only,
     usage_in_answer,
     usage_in_stream,
 )
 from tokenrelay.errors import ModelNotAllowed, RateLimited
 from tokenrelay.providers.base import Provider, ProviderRequest
 from tokenrelay.providers.registry import ProviderRegistry
-from tokenrelay.relay.generation import ChatChunks, Generation, Recorder, Shape
+from tokenrelay.relay.generation import Generation, Recorder, Shape, WithoutUsage
 from tokenrelay.relay.generations import Generations
 from tokenrelay.storage.models import utcnow
 from tokenrelay.storage.usage import UsageRow
 
-__all__ = ["Admitted", "Gateway", "Opener", "WithoutUsage"]
+__all__ = ["Admitted", "Gateway", "Opener"]
 
 logger = logging.getLogger(__name__)
 
@@ -82,13 +82,6 @@ class Admitted:
     """Tokens charged to the key's windows so far."""
     charged_entries: int = field(default=0)
     began: float = field(default_factory=time.perf_counter)
-
-
-class WithoutUsage(ChatChunks):
-    """Chat chunks as they came, minus the usage chunk the gateway asked for on its own."""
-
-    def feed(self, chunk: bytes) -> Iterable[bytes]:
-        return [event for event in super().feed(chunk) if not is_usage_only(event)]
 
 
 class Gateway:
@@ -141,7 +134,8 @@ class Gateway:
                 )
                 raise
         strip = False
-        if request.stream and request.endpoint in ("chat/completions", "completions"):
+        accounted = self.ledger is not None or (key is not None and key.limited)
+        if accounted and request.stream and request.endpoint in ("chat/completions", "completions"):
             request, strip = self._asking_usage(request)
         return Admitted(caller, route, provider, request, headers, strip, charged, charged)
 

@@ -33,7 +33,7 @@ import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
 from typing import Protocol
 
-from tokenrelay.chunks import StreamError
+from tokenrelay.chunks import StreamError, is_usage_only
 from tokenrelay.errors import TokenrelayError
 from tokenrelay.sse import DONE, encode_event
 from tokenrelay.storage.models import MessageStatus
@@ -46,6 +46,7 @@ __all__ = [
     "Recorder",
     "Shape",
     "StreamOpener",
+    "WithoutUsage",
     "error_event",
 ]
 
@@ -117,6 +118,14 @@ class ChatChunks:
         return (DONE,)
 
 
+class WithoutUsage(ChatChunks):
+    """Chat chunks as they came, minus the usage chunk the gateway asked for on a client's
+    behalf (``relay/gateway.py``). In the hot loop only a chunk holding ``[]`` is looked at."""
+
+    def feed(self, chunk: bytes) -> Iterable[bytes]:
+        return [event for event in super().feed(chunk) if not is_usage_only(event)]
+
+
 def _split_events(chunk: bytes) -> list[bytes]:
     """Whole SSE events (``\\n\\n`` or ``\\r\\n\\r\\n`` ended), each with its terminator."""
     events: list[bytes] = []
@@ -183,7 +192,8 @@ class Generation:
         self.error: str | None = None
         self._writer = writer
         self._shape: Shape = shape or ChatChunks()
-        self._passthrough = shape is None
+        self._passthrough = shape is None or type(shape) is WithoutUsage
+        self._strip_usage = type(shape) is WithoutUsage
         self._recorder = recorder
         self._settle = settle
         self._on_end = on_end
@@ -250,8 +260,12 @@ class Generation:
                 last = chunk
                 break
             if self._passthrough and recorder is None:  # the /v1 hot path: nothing per chunk
-                async for chunk in stream:  # but a search, an append and no new object
-                    if chunk.find(b"\n\n") == len(chunk) - 2:
+                strip = self._strip_usage
+                async for chunk in stream:  # but a search or two, an append and no new object
+                    if strip and b"[]" in chunk:  # maybe the usage its client did not ask for
+                        for entry in shape.feed(chunk):
+                            append(entry)
+                    elif chunk.find(b"\n\n") == len(chunk) - 2:
                         append(chunk)
                     else:
                         for entry in _split_events(chunk):
