@@ -185,3 +185,22 @@ def test_bad_usage_queries_are_400(keyed: Relay) -> None:
         httpx.get(f"{keyed.url}/api/usage", params={"key": "nobody"}, headers=ADMIN).status_code
         == 404
     )
+
+
+def test_with_accounting_off_nothing_is_asked_or_kept(
+    fake_upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    with relay_to(fake_upstream, tmp_path, env={"TOKENRELAY_USAGE_ACCOUNTING": "false"}) as relay:
+        raw = (
+            b'{"model": "fake-model", "stream": true,'
+            b' "messages": [{"role": "user", "content": "Hi"}]}'
+        )
+        with httpx.stream(
+            "POST",
+            f"{relay.v1}/chat/completions",
+            content=raw,
+            headers={"Content-Type": "application/json"},
+        ) as response:
+            response.read()
+        assert fake_upstream.last_request().body == raw  # not a byte changed
+        assert _rows(relay) == []
