@@ -190,7 +190,8 @@ async def run(
 ) -> Tally:
     """Warm up one connection per worker, then measure ``concurrency * requests`` streams.
 
-    ``extra_headers`` go on every request (e.g. ``X-Tokenrelay-Resumable: true``).
+    ``extra_headers`` go on every request (e.g. ``X-Tokenrelay-Resumable: true``, or
+    ``Authorization: Bearer tr-...`` instead of the default ``Bearer bench``).
     """
     if urlsplit(url).hostname not in ("127.0.0.1", "localhost", "::1"):
         raise SystemExit("the load generator only sends to this machine (127.0.0.1)")
@@ -198,7 +199,9 @@ async def run(
     connector = aiohttp.TCPConnector(limit=concurrency, force_close=False)
     timeout = aiohttp.ClientTimeout(total=per_request, sock_connect=10.0)
     headers = {"content-type": "application/json", "authorization": "Bearer bench"}
-    headers.update(extra_headers or {})
+    # Header names match whatever their case: ``Authorization:Bearer tr-...`` must replace the
+    # default key, not go out as a second Authorization header beside it.
+    headers.update({k.lower(): v for k, v in (extra_headers or {}).items()})
     tally = Tally()
     async with aiohttp.ClientSession(
         connector=connector, timeout=timeout, headers=headers, auto_decompress=False

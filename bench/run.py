@@ -2,7 +2,8 @@
 
 Starts the fake upstream (``bench/upstream.py``), nginx as a plain reverse proxy
 (``proxy_buffering off``) and ``python -m tokenrelay serve`` (with the event log in memory, in
-Redis with ``+redis``, and as it was at older git revisions with ``@REV``), then runs the load
+Redis with ``+redis``, behind a gateway key with ``+auth``, without usage accounting with
+``+noaccount``, and as it was at older git revisions with ``@REV``), then runs the load
 generator (``bench/loadgen.py``) through each of them and directly to the upstream, scenario by
 scenario, in rotating order, for several rounds. The gateway under test is alone on core 0;
 the upstream, the load generator and this script share core 1. It reads the gateway's CPU time
@@ -31,6 +32,8 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +52,8 @@ TARGET_C100_CPU_VS_NGINX = 4.0
 TARGET_C500_CHUNKS_VS_DIRECT = 0.95
 
 RESUMABLE_HEADER = "X-Tokenrelay-Resumable:true"
+FLAGS = ("redis", "auth", "noaccount", "resumable")
+BENCH_KEY_NAME = "bench"
 DEFAULT_PATHS = "direct,nginx,tokenrelay,tokenrelay+resumable,tokenrelay+redis"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/12"
 
@@ -56,12 +61,16 @@ DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/12"
 @dataclass(frozen=True)
 class PathSpec:
     """One path as named on the command line: ``direct``, ``nginx``, or
-    ``tokenrelay[@REV][+redis][+resumable]``.
+    ``tokenrelay[@REV][+redis][+auth][+noaccount][+resumable]``.
 
     ``@REV`` runs tokenrelay's ``src/`` as it was at that git revision (a baseline in the same
     run); ``+redis`` a server with ``TOKENRELAY_REDIS_URL`` set (streams in Redis Streams);
-    ``+resumable`` sends ``X-Tokenrelay-Resumable: true`` with every request. Paths that differ
-    only in ``+resumable`` share one server.
+    ``+auth`` a server with a gateway key (made with ``tokenrelay keys create`` before it starts,
+    so every request must present it, and does); ``+noaccount`` a server with
+    ``TOKENRELAY_USAGE_ACCOUNTING=false`` (no usage row per request): ``tokenrelay+noaccount``
+    is the gateway with neither, the baseline ``+auth`` is compared with. ``+resumable`` sends
+    ``X-Tokenrelay-Resumable: true`` with every request. Paths that differ only in
+    ``+resumable`` share one server.
     """
 
     name: str
@@ -69,11 +78,13 @@ class PathSpec:
     rev: str | None = None
     redis: bool = False
     resumable: bool = False
+    auth: bool = False
+    account: bool = True
 
     @property
-    def server(self) -> tuple[str, str | None, bool]:
+    def server(self) -> tuple[str, str | None, bool, bool, bool]:
         """Which gateway process serves this path."""
-        return (self.kind, self.rev, self.redis)
+        return (self.kind, self.rev, self.redis, self.auth, self.account)
 
 
 def parse_path(text: str) -> PathSpec:
@@ -84,11 +95,14 @@ def parse_path(text: str) -> PathSpec:
         raise ValueError(f"unknown path {text!r}")
     if kind != "tokenrelay" and (flags or rev):
         raise ValueError(f"only tokenrelay paths take @REV or +flags: {text!r}")
-    if not set(flags) <= {"redis", "resumable"} or len(set(flags)) != len(flags):
-        raise ValueError(f"flags are +redis and +resumable: {text!r}")
+    if not set(flags) <= set(FLAGS) or len(set(flags)) != len(flags):
+        raise ValueError(f"flags are {', '.join('+' + f for f in FLAGS)}: {text!r}")
     if "@" in base and not rev:
         raise ValueError(f"empty revision in {text!r}")
-    return PathSpec(text, kind, rev or None, "redis" in flags, "resumable" in flags)
+    return PathSpec(
+        text, kind, rev or None, "redis" in flags, "resumable" in flags,
+        auth="auth" in flags, account="noaccount" not in flags,
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -431,7 +445,11 @@ def _start_tokenrelay(
     label: str,
     src: Path,
     redis_url: str | None,
-) -> tuple[subprocess.Popen[str], int]:
+    auth: bool = False,
+    account: bool = True,
+) -> tuple[subprocess.Popen[str], int, str | None]:
+    """Start ``tokenrelay serve`` on its own database; returns it, its port, and the gateway
+    key its requests must present (``auth``), else None."""
     port = _free_port()
     config = work / f"{label}.toml"
     config.write_text(
@@ -455,7 +473,12 @@ def _start_tokenrelay(
     )
     if redis_url is not None:
         env["TOKENRELAY_REDIS_URL"] = redis_url
+    if not account:
+        env["TOKENRELAY_USAGE_ACCOUNTING"] = "false"
     log = work / f"{label}.log"
+    # Made on the server's database before it starts, as an admin would: from then on every
+    # request needs a key, and the server looks each one up (cached) and accounts it to it.
+    key = _create_key(env, work / f"{label}-keys.log") if auth else None
     proc = subprocess.Popen(
         [sys.executable, "-m", "tokenrelay", "serve", "--host", HOST, "--port", str(port)],
         cwd=REPO,
@@ -467,10 +490,57 @@ def _start_tokenrelay(
     )
     try:
         _wait_port(port, proc, 60.0, label)
+        if key is not None:
+            _check_auth(port, key, label)
     except RuntimeError as exc:
         _stop(proc)
         raise RuntimeError(f"{exc}\n{_tail(log)}") from None
-    return proc, port
+    return proc, port, key
+
+
+def _create_key(env: dict[str, str], log: Path) -> str:
+    """A new gateway key from ``tokenrelay keys create`` on the database ``env`` names.
+
+    The CLI prints the secret on stdout, and its notice or error on stderr (into ``log``). A
+    revision from before gateway keys has no such command: the error says so.
+    """
+    with open(log, "w") as err:
+        try:
+            done = subprocess.run(
+                [sys.executable, "-m", "tokenrelay", "keys", "create", "--name", BENCH_KEY_NAME],
+                cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=err, text=True, timeout=60.0,
+            )  # fmt: skip
+        except subprocess.TimeoutExpired:
+            raise RuntimeError("`tokenrelay keys create` took over 60 s") from None
+    secret = done.stdout.strip()
+    if done.returncode != 0 or not secret.startswith("tr-") or len(secret.split()) != 1:
+        raise RuntimeError(
+            f"`tokenrelay keys create` failed (code {done.returncode})\n{_tail(log)}"
+        )
+    return secret
+
+
+def _check_auth(port: int, key: str, label: str) -> None:
+    """Make sure the server really requires the key: a +auth path that let anyone in (or
+    refused its own key) would measure something else than it claims."""
+
+    def status(secret: str) -> int:
+        request = urllib.request.Request(
+            f"http://{HOST}:{port}/v1/models", headers={"Authorization": f"Bearer {secret}"}
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=10.0) as response:
+                return int(response.status)
+        except urllib.error.HTTPError as exc:
+            return exc.code
+        except OSError as exc:
+            raise RuntimeError(f"{label}: checking its key failed: {exc}") from None
+
+    without, with_key = status("bench"), status(key)
+    if without != 401 or with_key != 200:
+        raise RuntimeError(
+            f"{label}: expected 401 without the key and 200 with it, got {without} and {with_key}"
+        )
 
 
 def _redis_pid(url: str) -> int | None:
@@ -918,7 +988,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--paths",
         default=DEFAULT_PATHS,
-        help="comma-separated: direct, nginx, tokenrelay[@REV][+redis][+resumable] "
+        help="comma-separated: direct, nginx, "
+        "tokenrelay[@REV][+redis][+auth][+noaccount][+resumable] "
         f"[default: {DEFAULT_PATHS}]",
     )
     parser.add_argument(
@@ -998,7 +1069,9 @@ def main(argv: list[str] | None = None) -> int:
             )
             procs.append(upstream)
             targets: dict[str, Target] = {}
-            servers: dict[tuple[str, str | None, bool], tuple[int, int]] = {}  # -> port, pid
+            # server -> port, pid, the gateway key its requests present (+auth)
+            servers: dict[tuple[str, str | None, bool, bool, bool], tuple[int, int, str | None]]
+            servers = {}
             redis_pid = None
             if any(spec.redis for spec in specs.values()):
                 redis_pid = _redis_pid(args.redis_url)
@@ -1010,22 +1083,27 @@ def main(argv: list[str] | None = None) -> int:
                     if spec.kind == "nginx":
                         proc, nginx = _start_nginx(work, args.gateway_core, upstream_port)
                         assert nginx.pid is not None
-                        servers[spec.server] = (nginx.port, nginx.pid)
+                        servers[spec.server] = (nginx.port, nginx.pid, None)
                     else:
                         label = "tokenrelay" + (f"-{spec.rev}" if spec.rev else "")
                         label += "-redis" if spec.redis else ""
+                        label += "-auth" if spec.auth else ""
+                        label += "" if spec.account else "-noaccount"
                         src = _checkout(spec.rev, work) if spec.rev else REPO / "src"
                         redis_url = args.redis_url if spec.redis else None
-                        proc, port = _start_tokenrelay(
+                        proc, port, key = _start_tokenrelay(
                             work, args.gateway_core, upstream_port,
                             label=label, src=src, redis_url=redis_url,
+                            auth=spec.auth, account=spec.account,
                         )  # fmt: skip
-                        servers[spec.server] = (port, proc.pid)
+                        servers[spec.server] = (port, proc.pid, key)
                     procs.append(proc)
-                port, pid = servers[spec.server]
-                headers = (RESUMABLE_HEADER,) if spec.resumable else ()
+                port, pid, key = servers[spec.server]
+                headers: tuple[str, ...] = (RESUMABLE_HEADER,) if spec.resumable else ()
+                if key is not None:
+                    headers += (f"Authorization:Bearer {key}",)
                 targets[name] = Target(name, port, pid, None, headers, spec.redis)
-            gateways = [pid for _, pid in servers.values()]
+            gateways = [pid for _, pid, _ in servers.values()]
             print(
                 f"upstream :{upstream_port}, "
                 + ", ".join(f"{t.name} :{t.port}" for t in targets.values())
