@@ -172,7 +172,7 @@ def revoke(name: str) -> None:
 @click.option("--json", "as_json", is_flag=True, help="The summary as GET /api/usage gives it.")
 def usage(key_name: str | None, since: str, until: str | None, bucket: str, as_json: bool) -> None:
     """Requests, tokens, errors and time to first token, by key and by model."""
-    from tokenrelay.api.admin import usage_summary
+    from tokenrelay.access.usage import usage_summary
     from tokenrelay.storage.keys import KeyStore
     from tokenrelay.storage.usage import UsageStore
 

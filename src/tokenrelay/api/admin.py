@@ -7,7 +7,6 @@ usage`` print: the same functions, the same query.
 
 from __future__ import annotations
 
-from datetime import timedelta
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
@@ -15,20 +14,13 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 from starlette.responses import JSONResponse, Response
 
 from tokenrelay.access.keys import Authenticator, create_key
-from tokenrelay.access.usage import UsageLedger, parse_time
+from tokenrelay.access.usage import UsageLedger, usage_summary
 from tokenrelay.api.relay import body_doc, read_body
-from tokenrelay.errors import InvalidRequest
 from tokenrelay.storage.keys import KeyStore
-from tokenrelay.storage.models import utcnow
-from tokenrelay.storage.usage import BUCKETS, Bucket, UsageStore
 
-__all__ = ["BODY_MODELS", "MAX_BUCKETS", "router", "usage_summary"]
+__all__ = ["BODY_MODELS", "router"]
 
 router = APIRouter(prefix="/api", tags=["Admin"])
-
-MAX_BUCKETS = 2000
-"""Buckets one summary may span: a minute bucket covers 33 hours at most."""
-_BUCKET_SECONDS = {"minute": 60, "hour": 3600, "day": 86400}
 
 
 class NewKey(BaseModel):
@@ -77,38 +69,6 @@ async def revoke(request: Request, name: str) -> dict[str, Any]:
     record = await _keys(request).revoke(name)
     _authenticator(request).forget()
     return record.public()
-
-
-async def usage_summary(
-    usage: UsageStore,
-    keys: KeyStore,
-    *,
-    since: str | None,
-    until: str | None,
-    key: str | None,
-    bucket: str,
-) -> dict[str, Any]:
-    """The summary ``GET /api/usage`` and ``tokenrelay usage`` show, from their arguments."""
-    now = utcnow()
-    try:
-        start = parse_time(since, now) if since else now - timedelta(hours=24)
-        end = parse_time(until, now) if until else now + timedelta(seconds=1)
-    except ValueError:
-        raise InvalidRequest(
-            "A time is an ISO date or datetime, or an age like 30m, 24h or 7d.", param="since"
-        ) from None
-    if bucket not in BUCKETS:
-        raise InvalidRequest("bucket is one of minute, hour, day.", param="bucket")
-    if end <= start:
-        raise InvalidRequest("until must be after since.", param="until")
-    if (end - start).total_seconds() / _BUCKET_SECONDS[bucket] > MAX_BUCKETS:
-        raise InvalidRequest(
-            f"That range has more than {MAX_BUCKETS} {bucket}s; use a larger bucket.",
-            param="bucket",
-        )
-    key_id = (await keys.by_name(key)).id if key else None
-    bucketed: Bucket = bucket  # type: ignore[assignment]  # checked against BUCKETS above
-    return await usage.summary(since=start, until=end, key_id=key_id, bucket=bucketed)
 
 
 @router.get("/usage")
