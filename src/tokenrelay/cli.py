@@ -234,7 +234,7 @@ async def _error_of(resp: Any, url: str) -> dict[str, Any]:
 
 async def _ask_in_process(body: dict[str, Any], model: str | None) -> AsyncIterator[bytes]:
     """The answer the way the server makes it: a generation writing a log, read back here."""
-    from tokenrelay.access.keys import LOCAL_USER
+    from tokenrelay.access.keys import OPERATOR
     from tokenrelay.config import Settings
     from tokenrelay.errors import TokenrelayError
     from tokenrelay.providers.base import ProviderRequest
@@ -244,7 +244,7 @@ async def _ask_in_process(body: dict[str, Any], model: str | None) -> AsyncItera
             model = model or await gateway.registry.default_model()
             body = {**body, "model": model}
             request = ProviderRequest("chat/completions", model, body, orjson.dumps(body))
-            admitted = await gateway.admit(LOCAL_USER, "cli", request)
+            admitted = await gateway.admit(OPERATOR, "cli", request)
             generation = await gateway.stream(admitted, grace=0.0)
             try:
                 await generation.opened()

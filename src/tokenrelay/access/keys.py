@@ -28,10 +28,9 @@ from tokenrelay.storage.keys import KeyRecord, KeyStore
 from tokenrelay.storage.models import utcnow
 
 __all__ = [
-    "ADMIN",
     "CACHE_SECONDS",
     "KEY_PREFIX",
-    "LOCAL_USER",
+    "OPERATOR",
     "Authenticator",
     "Caller",
     "create_key",
@@ -117,8 +116,9 @@ class Caller:
             )
 
 
-LOCAL_USER = Caller(key=None, admin=True)
-ADMIN = Caller(key=None, admin=True)
+OPERATOR = Caller(key=None, admin=True)
+"""The server's operator: the admin key's holder, or the local user of a server that needs no
+key (and the terminal's user)."""
 
 
 class Authenticator:
@@ -149,7 +149,7 @@ class Authenticator:
     async def identify(self, secret: str | None) -> Caller:
         """The caller presenting ``secret`` (None: no key was sent)."""
         if not await self.required():
-            return LOCAL_USER
+            return OPERATOR
         if not secret:
             raise Unauthorized(
                 "You didn't provide an API key. Send it as `Authorization: Bearer tr-...`."
@@ -158,7 +158,7 @@ class Authenticator:
             raise Unauthorized("Incorrect API key provided.")
         digest = hash_secret(secret)
         if self._admin_hash is not None and hmac.compare_digest(digest, self._admin_hash):
-            return ADMIN
+            return OPERATOR
         record = await self._lookup(digest)
         if record is None or not hmac.compare_digest(record.secret_hash, digest):
             raise Unauthorized("Incorrect API key provided.")

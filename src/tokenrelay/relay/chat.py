@@ -18,7 +18,7 @@ from typing import Any
 
 import orjson
 
-from tokenrelay.access.keys import LOCAL_USER, Caller
+from tokenrelay.access.keys import OPERATOR, Caller
 from tokenrelay.errors import InvalidRequest
 from tokenrelay.providers.base import ProviderRequest
 from tokenrelay.relay.gateway import Admitted, Gateway
@@ -111,7 +111,7 @@ class ChatService:
         conversation_id: str,
         content: str,
         model: str | None = None,
-        caller: Caller = LOCAL_USER,
+        caller: Caller = OPERATOR,
     ) -> ChatTurn:
         """Store ``content`` as the user's next message and start the answer.
 
@@ -129,7 +129,7 @@ class ChatService:
             return await self._answer(claim, conversation, admitted, user_message)
 
     async def regenerate(
-        self, conversation_id: str, model: str | None = None, caller: Caller = LOCAL_USER
+        self, conversation_id: str, model: str | None = None, caller: Caller = OPERATOR
     ) -> ChatTurn:
         """Answer the last user message again, replacing the answer after it."""
         async with self._claim(conversation_id) as claim:

@@ -26,7 +26,7 @@ from typing import Any
 
 import orjson
 
-from tokenrelay.access.keys import LOCAL_USER, Caller
+from tokenrelay.access.keys import OPERATOR, Caller
 from tokenrelay.errors import InvalidRequest, TokenrelayError
 from tokenrelay.providers.base import Provider, ProviderRequest
 from tokenrelay.providers.deployments import Deployments
@@ -189,7 +189,7 @@ class ResponseService:
                 logger.exception("expiring stored responses failed")
             await asyncio.sleep(_EXPIRY_SWEEP_SECONDS)
 
-    async def create(self, body: object, caller: Caller = LOCAL_USER) -> StartedResponse:
+    async def create(self, body: object, caller: Caller = OPERATOR) -> StartedResponse:
         """Validate, translate and start a response (see the module docstring)."""
         request = parse_request(body)
         provider = self.gateway.provider_for(caller, request.model)
