@@ -76,10 +76,8 @@ class Admitted:
     headers: dict[str, str]
     """``x-ratelimit-*`` for a limited key; empty otherwise."""
     strip_usage: bool = False
-    estimate: int = 0
-    """The prompt's tokens as estimated before the call, charged at once to a limited key."""
     charged: int = 0
-    """Tokens charged to the key's windows so far."""
+    """Tokens charged to the key's windows so far (at first, the prompt's estimate)."""
     charged_entries: int = field(default=0)
     began: float = field(default_factory=time.perf_counter)
 
@@ -137,7 +135,7 @@ class Gateway:
         accounted = self.ledger is not None or (key is not None and key.limited)
         if accounted and request.stream and request.endpoint in ("chat/completions", "completions"):
             request, strip = self._asking_usage(request)
-        return Admitted(caller, route, provider, request, headers, strip, charged, charged)
+        return Admitted(caller, route, provider, request, headers, strip, charged)
 
     def _asking_usage(self, request: ProviderRequest) -> tuple[ProviderRequest, bool]:
         """``request`` asking for usage in its stream, and whether its client did not.
@@ -156,19 +154,12 @@ class Gateway:
         body = {**request.body, "stream_options": {**options, "include_usage": True}}
         return ProviderRequest(request.endpoint, request.model, body, orjson.dumps(body)), True
 
-    async def complete(
-        self,
-        admitted: Admitted,
-        answer: Callable[[Provider, ProviderRequest], Awaitable[bytes]] | None = None,
-    ) -> bytes:
+    async def complete(self, admitted: Admitted) -> bytes:
         """The whole answer, accounted for (a client that left while waiting included)."""
         status = "error"
         body: bytes | None = None
         try:
-            if answer is None:
-                body = await admitted.provider.complete(admitted.request)
-            else:
-                body = await answer(admitted.provider, admitted.request)
+            body = await admitted.provider.complete(admitted.request)
             status = "complete"
             return body
         except asyncio.CancelledError:
@@ -236,7 +227,7 @@ class Gateway:
         )
         metrics.stream_started()  # before ``ended`` can run: the answer's task has not yet
         key = admitted.caller.key
-        if key is not None and (key.tpm or key.tokens_per_day) and self.limiter is not None:
+        if key is not None and key.limits_tokens and self.limiter is not None:
             self._metered[generation] = admitted
         return generation
 
@@ -275,7 +266,7 @@ class Gateway:
             estimated=estimated,
         )
         key = admitted.caller.key
-        if key is None or self.limiter is None or not (key.tpm or key.tokens_per_day):
+        if key is None or self.limiter is None or not key.limits_tokens:
             return
         spent = sum(usage)
         owed = spent - admitted.charged

@@ -63,8 +63,12 @@ class KeyRecord:
         return self.models is None or model in self.models
 
     @property
+    def limits_tokens(self) -> bool:
+        return bool(self.tpm or self.tokens_per_day)
+
+    @property
     def limited(self) -> bool:
-        return bool(self.rpm or self.tpm or self.tokens_per_day)
+        return bool(self.rpm) or self.limits_tokens
 
     def public(self) -> dict[str, object]:
         """What ``keys list`` and ``GET /api/keys`` show (never the hash)."""
