@@ -51,6 +51,15 @@ def duration_text(seconds: float) -> str:
     return f"{secs}s"
 
 
+def _refusal(window: str, wait: float, headers: dict[str, str]) -> RateLimited:
+    """The 429 for a full ``window``, free again in ``wait`` seconds (OpenAI's wording)."""
+    return RateLimited(
+        f"Rate limit reached for {window} Try again in {duration_text(wait)}.",
+        retry_after=max(1, math.ceil(wait)),
+        headers=headers,
+    )
+
+
 class Limiter:
     """Admits requests of limited keys, and charges their tokens."""
 
@@ -85,24 +94,17 @@ class Limiter:
             admitted = await self._requests.hit(item, key.id)
             wait = await self._describe(self._requests, item, key.id, "requests", headers)
             if not admitted:
-                raise RateLimited(
-                    f"Rate limit reached for requests: {key.rpm} per minute on this key. "
-                    f"Try again in {duration_text(wait)}.",
-                    retry_after=max(1, math.ceil(wait)),
-                    code="rate_limit_exceeded",
-                    headers=headers,
-                )
+                raise _refusal(f"requests: {key.rpm} per minute on this key.", wait, headers)
         for item, per in self._token_items(key):
             cost = max(1, prompt_tokens)
             admitted = await self._tokens.hit(item, key.id, cost=cost)
             wait = await self._describe(self._tokens, item, key.id, "tokens", headers)
             if not admitted:
-                raise RateLimited(
-                    f"Rate limit reached for tokens: {item.amount} per {per} on this key "
-                    f"(this request needs about {cost}). Try again in {duration_text(wait)}.",
-                    retry_after=max(1, math.ceil(wait)),
-                    code="rate_limit_exceeded",
-                    headers=headers,
+                raise _refusal(
+                    f"tokens: {item.amount} per {per} on this key "
+                    f"(this request needs about {cost}).",
+                    wait,
+                    headers,
                 )
         return headers
 

@@ -25,6 +25,7 @@ from tokenrelay.storage.models import (
     MessageRole,
     MessageStatus,
     new_id,
+    owned_by,
     utcnow,
 )
 
@@ -107,10 +108,6 @@ class MessageRecord:
     stream_id: str | None = None
 
 
-def _owned_by(owner: str | None) -> sa.ColumnElement[bool]:
-    return Conversation.owner.is_(None) if owner is None else Conversation.owner == owner
-
-
 class ConversationStore:
     """Create, list, read, rename and delete conversations; add, update and delete messages.
 
@@ -157,7 +154,7 @@ class ConversationStore:
             raise ValueError("limit must be at least 1")
         query = (
             sa.select(Conversation)
-            .where(_owned_by(owner))
+            .where(owned_by(Conversation.owner, owner))
             .order_by(Conversation.updated_at.desc(), Conversation.id.desc())
             .limit(limit + 1)
         )
@@ -174,7 +171,7 @@ class ConversationStore:
         """Raise ``ConversationNotFound`` unless ``owner`` owns the conversation: another
         key's conversation is not there for this caller, not even as a 403."""
         query = sa.select(Conversation.id).where(
-            Conversation.id == conversation_id, _owned_by(owner)
+            Conversation.id == conversation_id, owned_by(Conversation.owner, owner)
         )
         async with self._sessions() as session:
             if await session.scalar(query) is None:

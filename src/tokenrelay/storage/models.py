@@ -34,6 +34,7 @@ __all__ = [
     "UTCDateTime",
     "UsageRecord",
     "new_id",
+    "owned_by",
     "storable",
     "utcnow",
 ]
@@ -51,6 +52,12 @@ def new_id(prefix: str) -> str:
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def owned_by(owner_column: Mapped[str | None], owner: str | None) -> sa.ColumnElement[bool]:
+    """Rows whose ``owner`` is ``owner``: a key's id, or None (the operator's, made without a
+    key), which SQL compares with ``IS NULL``."""
+    return owner_column.is_(None) if owner is None else owner_column == owner
 
 
 class UTCDateTime(sa.TypeDecorator[datetime]):

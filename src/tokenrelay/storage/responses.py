@@ -24,6 +24,7 @@ from tokenrelay.storage.models import (
     ResponseStatus,
     StoredResponse,
     new_id,
+    owned_by,
     utcnow,
 )
 
@@ -143,8 +144,9 @@ class ResponseStore:
     ) -> None:
         """Raise ``ResponseNotFound`` unless ``owner`` (a key's id; None for the admin and the
         local user) made the response: another key's response is not there for this caller."""
-        owned = StoredResponse.owner.is_(None) if owner is None else StoredResponse.owner == owner
-        query = sa.select(StoredResponse.id).where(StoredResponse.id == response_id, owned)
+        query = sa.select(StoredResponse.id).where(
+            StoredResponse.id == response_id, owned_by(StoredResponse.owner, owner)
+        )
         async with self._sessions() as session:
             if await session.scalar(query) is None:
                 raise ResponseNotFound(response_id, param=param)
