@@ -34,7 +34,6 @@ from tokenrelay.access.limits import Limiter
 from tokenrelay.access.usage import UsageLedger
 from tokenrelay.chunks import (
     Usage,
-    ends_with_error,
     usage_in_answer,
     usage_in_stream,
 )
@@ -201,15 +200,12 @@ class Gateway:
             usage = usage_in_stream(*generation.last_chunks)
             first = generation.time_to_first_chunk
             metrics.answer_ended(generation.duration, first, usage, streamed=True)
-            status = str(generation.status)
-            if status == "complete" and ends_with_error(generation.last_chunks[1]):
-                status = "error"  # relayed in-band, unparsed, by the hot path
             await self._settle(
                 admitted,
                 usage,
                 first,
                 generation.duration,
-                status,
+                str(generation.status),
                 client_left=generation.client_left,
                 entries=generation.entries,
             )

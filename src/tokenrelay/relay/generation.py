@@ -33,7 +33,7 @@ import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
 from typing import Protocol
 
-from tokenrelay.chunks import StreamError, is_usage_only
+from tokenrelay.chunks import StreamError, ends_with_error, is_usage_only
 from tokenrelay.errors import TokenrelayError
 from tokenrelay.sse import DONE, encode_event
 from tokenrelay.storage.models import MessageStatus
@@ -279,7 +279,9 @@ class Generation:
                         recorder.feed(chunk)
                     before, last = last, chunk
             tail.extend(shape.finish())
-            self.status = MessageStatus.COMPLETE
+            # An in-band error event, relayed unparsed by the hot loop, ended it all the same.
+            failed = ends_with_error(last)
+            self.status = MessageStatus.ERROR if failed else MessageStatus.COMPLETE
         except StreamError as exc:  # an upstream that reports errors in-band: already relayed
             self.status, self.error = MessageStatus.ERROR, str(exc)
         except TokenrelayError as exc:  # StreamTooLarge among them
