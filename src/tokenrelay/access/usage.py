@@ -36,7 +36,10 @@ def parse_time(text: str, now: datetime) -> datetime:
     text = text.strip()
     unit = _UNITS.get(text[-1:].lower())
     if unit is not None and text[:-1].isdigit():
-        return now - timedelta(seconds=int(text[:-1]) * unit)
+        try:
+            return now - timedelta(seconds=int(text[:-1]) * unit)
+        except OverflowError:  # before year 1: no time at all
+            raise ValueError(f"{text} is longer ago than any date") from None
     value = datetime.fromisoformat(text)
     return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
