@@ -15,6 +15,7 @@ from conftest import Relay, assert_openai_error, relay_to
 from fake_upstream import FakeUpstream
 from postgres_server import fresh_database, require_postgres
 from redis_server import REDIS_URL, require_redis
+from tcp_proxy import DroppingProxy
 
 CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "Hi"}]}
 
@@ -175,3 +176,39 @@ def test_one_token_window_across_two_replicas(
     assert spent.status_code == 200
     refused = httpx.post(f"{b.v1}/chat/completions", json=CHAT, headers=bearer(secret))
     assert_openai_error(refused, 429, code="rate_limit_exceeded")
+
+
+def test_limits_without_redis_are_a_503_never_unchecked(
+    fake_upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    """Redis goes away after start-up: a limited key's call is refused with 503, a key with no
+    limits is not held up, and the limits work again once Redis is back."""
+    require_redis()
+    redis = DroppingProxy(f"tcp://{REDIS_URL.split('://', 1)[1].split('/', 1)[0]}")
+    env = {
+        "TOKENRELAY_ADMIN_KEY": ADMIN_KEY,
+        "TOKENRELAY_REDIS_URL": f"redis://127.0.0.1:{redis.port}/9",
+    }
+    try:
+        with relay_to(fake_upstream, tmp_path, env=env) as relay:
+            limited = make_key(relay, "limited-without-redis", rpm=100)
+            free = make_key(relay, "free-without-redis")
+            ok = httpx.post(f"{relay.v1}/chat/completions", json=CHAT, headers=bearer(limited))
+            assert ok.status_code == 200, ok.text
+            redis.drop()
+            refused = httpx.post(
+                f"{relay.v1}/chat/completions", json=CHAT, headers=bearer(limited), timeout=30
+            )
+            assert_openai_error(refused, 503, code="redis_unavailable")
+            unlimited = httpx.post(
+                f"{relay.v1}/chat/completions", json=CHAT, headers=bearer(free), timeout=30
+            )
+            assert unlimited.status_code == 200, unlimited.text
+            redis.restore()
+            again = httpx.post(
+                f"{relay.v1}/chat/completions", json=CHAT, headers=bearer(limited), timeout=30
+            )
+            assert again.status_code == 200, again.text
+            assert again.headers["x-ratelimit-remaining-requests"] == "98"
+    finally:
+        redis.close()

@@ -26,13 +26,16 @@ from typing import Any
 from limits import RateLimitItem, RateLimitItemPerDay, RateLimitItemPerMinute
 from limits.aio.storage import MemoryStorage, RedisStorage
 from limits.aio.strategies import MovingWindowRateLimiter, SlidingWindowCounterRateLimiter
+from redis.exceptions import RedisError
 
-from tokenrelay.errors import RateLimited
+from tokenrelay.errors import RateLimited, RedisUnavailable
 from tokenrelay.storage.keys import KeyRecord
 
 __all__ = ["Limiter", "duration_text"]
 
 _NAMESPACE = "tokenrelay"
+_REDIS_TIMEOUT = 5.0
+"""Seconds Redis may take to connect or answer a limit's check: a stalled Redis is a 503."""
 _UNBOUNDED = 2**52
 """A limit no charge reaches: what ``charge`` passes so that tokens already spent always count."""
 
@@ -68,7 +71,11 @@ class Limiter:
         if redis_url:
             # The same redis-py the rest of tokenrelay uses (limits defaults to coredis).
             self._storage = RedisStorage(
-                "async+" + redis_url, implementation="redispy", key_prefix=_NAMESPACE
+                "async+" + redis_url,
+                implementation="redispy",
+                key_prefix=_NAMESPACE,
+                socket_timeout=_REDIS_TIMEOUT,
+                socket_connect_timeout=_REDIS_TIMEOUT,
             )
         else:
             self._storage = MemoryStorage()
@@ -86,8 +93,15 @@ class Limiter:
         """Count one request of ``key`` needing ``prompt_tokens``; its rate-limit headers.
 
         Raises ``RateLimited`` (429, with the same headers and ``Retry-After``) when a window
-        is full; a refused request is not counted in the requests window.
+        is full; a refused request is not counted in the requests window. Without Redis the
+        limits cannot be checked: ``RedisUnavailable`` (503), never a call let through unchecked.
         """
+        try:
+            return await self._admit(key, prompt_tokens)
+        except RedisError as exc:
+            raise RedisUnavailable("Redis cannot be reached to check this key's limits.") from exc
+
+    async def _admit(self, key: KeyRecord, prompt_tokens: int) -> dict[str, str]:
         headers: dict[str, str] = {}
         if key.rpm:
             item: RateLimitItem = RateLimitItemPerMinute(key.rpm, namespace=_NAMESPACE)
