@@ -25,6 +25,7 @@ __all__ = [
     "StreamInterrupted",
     "Unauthorized",
     "ModelNotAllowed",
+    "DatabaseUnavailable",
     "RedisUnavailable",
     "ClientDisconnected",
 ]
@@ -224,6 +225,14 @@ class StreamInterrupted(TokenrelayError):
     status = 503
     type = "server_error"
     code = "interrupted"
+
+
+class DatabaseUnavailable(TokenrelayError):
+    """The database cannot be reached where an answer cannot do without it (a key's lookup)."""
+
+    status = 503
+    type = "server_error"
+    code = "database_unavailable"
 
 
 class RedisUnavailable(TokenrelayError):

@@ -30,6 +30,8 @@ from access.conftest import (
 )
 from conftest import Relay, assert_openai_error, relay_to, start_tokenrelay
 from fake_upstream import FakeUpstream, expected_text
+from postgres_server import fresh_database, require_postgres
+from tcp_proxy import DroppingProxy
 
 CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "Hi"}]}
 
@@ -297,3 +299,31 @@ def test_cli_ask_through_a_server_that_requires_a_key(keyed: Relay, tmp_path: Pa
     )
     assert answered.returncode == 0, answered.stderr
     assert answered.stdout.strip() == expected_text(5).strip()
+
+
+def test_keys_without_the_database_are_a_503_and_known_keys_go_on(
+    fake_upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    """The database goes away: a key looked up in the last seconds still works, a key it would
+    have to look up is refused with 503 in OpenAI's shape (never let through, never a 500)."""
+    admin_url = require_postgres()
+    with fresh_database(admin_url) as database_url:
+        host = database_url.split("@", 1)[1].split("/", 1)[0]
+        proxy = DroppingProxy(f"tcp://{host}")
+        env = {
+            "TOKENRELAY_ADMIN_KEY": ADMIN_KEY,
+            "TOKENRELAY_DATABASE_URL": database_url.replace(host, f"127.0.0.1:{proxy.port}"),
+        }
+        try:
+            with relay_to(fake_upstream, tmp_path, env=env) as relay:
+                known, unseen = make_key(relay, "known"), make_key(relay, "unseen")
+                ok = httpx.get(f"{relay.v1}/models", headers=bearer(known), timeout=10)
+                assert ok.status_code == 200
+                proxy.drop()
+                still = httpx.get(f"{relay.v1}/models", headers=bearer(known), timeout=10)
+                assert still.status_code == 200, still.text
+                refused = httpx.get(f"{relay.v1}/models", headers=bearer(unseen), timeout=60)
+                assert_openai_error(refused, 503, code="database_unavailable")
+                proxy.restore()
+        finally:
+            proxy.close()

@@ -23,7 +23,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from tokenrelay.errors import Forbidden, InvalidRequest, Unauthorized
+from sqlalchemy.exc import SQLAlchemyError
+
+from tokenrelay.errors import DatabaseUnavailable, Forbidden, InvalidRequest, Unauthorized
 from tokenrelay.storage.keys import KeyRecord, KeyStore
 from tokenrelay.storage.models import utcnow
 
@@ -142,7 +144,10 @@ class Authenticator:
         now = time.monotonic()
         if now - checked < CACHE_SECONDS:
             return required
-        required = await self._store.count_usable() > 0
+        try:
+            required = await self._store.count_usable() > 0
+        except SQLAlchemyError as exc:
+            raise _unreachable() from exc
         self._required = (now, required)
         return required
 
@@ -178,9 +183,16 @@ class Authenticator:
         cached = self._cache.get(digest)
         if cached is not None and now - cached[0] < CACHE_SECONDS:
             return cached[1]
-        record = await self._store.find(digest)
+        try:
+            record = await self._store.find(digest)
+        except SQLAlchemyError as exc:  # keys seen in the last seconds still work
+            raise _unreachable() from exc
         self._cache[digest] = (now, record)
         self._cache.move_to_end(digest)
         while len(self._cache) > _CACHE_SIZE:
             self._cache.popitem(last=False)
         return record
+
+
+def _unreachable() -> DatabaseUnavailable:
+    return DatabaseUnavailable("The database cannot be reached to check this API key.")

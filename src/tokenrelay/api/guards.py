@@ -15,6 +15,7 @@ with a body a form or ``fetch(..., {mode: "no-cors"})`` may send (``CrossSiteReq
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -22,7 +23,7 @@ from typing import Protocol
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from tokenrelay.api.errors import error_response
+from tokenrelay.api.errors import INTERNAL_ERROR, error_response
 from tokenrelay.errors import (
     ClientGone,
     Forbidden,
@@ -41,6 +42,8 @@ __all__ = [
     "Incoming",
     "JsonBodies",
 ]
+
+logger = logging.getLogger(__name__)
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 """Methods that change nothing on their own; the routes that spend tokens on GET are named."""
@@ -152,6 +155,10 @@ class Guarded:
         except TokenrelayError as exc:
             # Through ``request.send``: a page on an allowed origin can read why it was refused.
             await error_response(exc)(scope, receive, request.send)
+            return
+        except Exception:  # a guard's bug: answered like a route's, in OpenAI's shape
+            logger.exception("a request guard failed on %s %s", request.method, request.path)
+            await error_response(TokenrelayError(INTERNAL_ERROR))(scope, receive, request.send)
             return
         await self.app(scope, request.receive, request.send)
 
